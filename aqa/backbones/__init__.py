@@ -1,0 +1,5 @@
+"""Backbones behind one protocol (see ``base.py``). Importing this package registers each of them."""
+
+from aqa.backbones.base import Backbone, Example, Rollout, SamplingConfig, get_backbone, register
+
+__all__ = ["Backbone", "Example", "Rollout", "SamplingConfig", "get_backbone", "register"]

@@ -1,0 +1,139 @@
+"""The backbone protocol: everything outside ``aqa/backbones/`` talks to a model through this.
+
+A backbone object owns the processor/tokenizer and the config of one checkpoint directory. The
+trainable ``nn.Module`` is ``backbone.model``; recipes may wrap it (PEFT, DeepSpeed engine) and pass
+the wrapper back into the methods below as ``model``, so the backbone never cares how it is wrapped.
+
+Shapes: B questions, G completions per question (GRPO), K option orders, N options, T tokens.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from aqa.data.prompts import PromptConfig
+
+
+@dataclass
+class Example:
+    """A question as a backbone sees it: options in the order they are presented."""
+
+    id: str
+    question: str
+    choices: list[str]  # presented order (after any shuffling)
+    answer_index: int | None  # index into ``choices``; None when unknown (eval split)
+    features: dict[str, np.ndarray] = field(default_factory=dict)  # from ``extract_features`` (cached)
+    meta: dict[str, Any] = field(default_factory=dict)  # record meta (e.g. SED events for text backbones)
+
+
+@dataclass
+class SamplingConfig:
+    """Rollout sampling for GRPO and generate-mode inference."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 8
+
+
+@dataclass
+class Rollout:
+    """G sampled completions per question, with what is needed to score them again.
+
+    ``prompt`` is backbone-private (the encoded prompts, one row per question: never repeated G times).
+    """
+
+    examples: list[Example]
+    prompt: Any
+    completion_ids: torch.Tensor  # [B, G, T] int64, right-padded
+    completion_mask: torch.Tensor  # [B, G, T] 1 on real tokens (up to and including EOS)
+    texts: list[list[str]]  # [B][G] decoded completions
+
+
+class Backbone(ABC):
+    """One model family behind the protocol. Register concrete classes with ``@register``."""
+
+    name: ClassVar[str]
+    # Name of the log-mel entry of ``extract_features`` that SpecAugment may mask ([n_mels, frames]),
+    # or None for backbones without spectrogram inputs.
+    spec_augment_key: ClassVar[str | None] = None
+
+    model: nn.Module
+
+    # -- loading -------------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def from_pretrained(
+        cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+        prompt: PromptConfig | None = None,
+    ) -> Backbone:
+        """Load model and processor from a local HF-style directory (tiny or 7B alike)."""
+
+    @abstractmethod
+    def lora_target_modules(self, include_audio: bool = False) -> str | list[str]:
+        """PEFT ``target_modules``: the language model's linear layers (plus the audio side if asked)."""
+
+    # -- features ------------------------------------------------------------------------------
+    def feature_settings(self) -> dict[str, Any]:
+        """Extractor settings; part of the feature-cache key, so a change recomputes the cache."""
+        return {}
+
+    def extract_features(self, wave: np.ndarray) -> dict[str, np.ndarray]:
+        """16 kHz mono float32 ``[S]`` -> model-ready arrays (cached per clip). Empty for text backbones."""
+        return {}
+
+    # -- training and scoring ------------------------------------------------------------------
+    @abstractmethod
+    def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        """SFT batch: prompt + target (``PromptConfig.target_format``) with labels on the target only."""
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy over target tokens."""
+        return model(**batch).loss
+
+    @abstractmethod
+    def option_logits(
+        self, model: nn.Module, examples: list[Example], orders: list[list[list[int]]] | None = None
+    ) -> list[torch.Tensor]:
+        """Logit of each option's letter at the answer position, one forward pass per order.
+
+        ``orders[b]`` lists K permutations of ``range(N_b)`` for question b (None: the presented order
+        only). Returns, per question, ``[K, N_b]`` logits **in canonical order** (``examples[b].choices``
+        order). The audio and prompt prefix is computed once per question and shared by its K orders.
+        """
+
+    # -- GRPO ------------------------------------------------------------------------------------
+    def generate(self, model: nn.Module, examples: list[Example], num_samples: int,
+                 sampling: SamplingConfig) -> Rollout:
+        """Sample G completions per question from one prefill per question (KV cache expanded to G)."""
+        raise NotImplementedError(f"{self.name} does not support generation yet")
+
+    def completion_logprobs(self, model: nn.Module, rollout: Rollout) -> torch.Tensor:
+        """Per-token log-probs ``[B, G, T]`` of the completions, the prompt run once per question."""
+        raise NotImplementedError(f"{self.name} does not support completion log-probs yet")
+
+    def save_processor(self, out_dir: str | Path) -> None:
+        """Write the processor/tokenizer files next to an exported model."""
+
+
+_REGISTRY: dict[str, type[Backbone]] = {}
+
+
+def register(cls: type[Backbone]) -> type[Backbone]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_backbone(name: str) -> type[Backbone]:
+    """The backbone class registered under ``name``; an unknown name lists the known ones."""
+    import aqa.backbones  # noqa: F401  (importing the package registers every backbone)
+
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backbone '{name}'. Known backbones: {', '.join(sorted(_REGISTRY))}.")
+    return _REGISTRY[name]

@@ -1,0 +1,136 @@
+"""The manifest contract: one JSON record per question, shared by every stage.
+
+A manifest directory holds ``<split>.jsonl`` files, ``quarantine.jsonl`` and ``dataset.json``.
+``dataset.json`` records the audio root (relative to the manifest directory, or absolute) that every
+record's ``audio`` path is relative to. Answers are option *text*; letters exist only in prompts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+SPLITS = ("train", "dev", "eval")
+DATASET_FILE = "dataset.json"
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read as the contract says."""
+
+
+@dataclass
+class Record:
+    """One multiple-choice question about one audio clip."""
+
+    id: str
+    part: str
+    split: str
+    audio: str  # path relative to the manifest's audio root
+    question: str
+    choices: list[str]
+    answer: str | None  # option text; None only in the eval split
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def answer_index(self) -> int | None:
+        return None if self.answer is None else self.choices.index(self.answer)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Record:
+        missing = [k for k in ("id", "part", "split", "audio", "question", "choices", "answer") if k not in data]
+        if missing:
+            raise ManifestError(f"record {data.get('id', '?')!r} lacks {missing}")
+        return cls(
+            id=str(data["id"]),
+            part=str(data["part"]),
+            split=str(data["split"]),
+            audio=str(data["audio"]),
+            question=str(data["question"]),
+            choices=[str(c) for c in data["choices"]],
+            answer=None if data["answer"] is None else str(data["answer"]),
+            meta=dict(data.get("meta") or {}),
+        )
+
+
+@dataclass
+class Manifest:
+    """Records of one split plus the audio root their paths are relative to."""
+
+    path: Path
+    audio_root: Path
+    records: list[Record]
+
+    def audio_path(self, record: Record) -> Path:
+        return self.audio_root / record.audio
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self):
+        return iter(self.records)
+
+
+def write_dataset_info(out_dir: str | Path, audio_root: str | Path, **extra: Any) -> None:
+    """Write ``dataset.json``; the audio root is stored relative to ``out_dir`` when it lies inside it."""
+    out_dir = Path(out_dir)
+    root = Path(audio_root).resolve()
+    try:
+        stored = str(root.relative_to(out_dir.resolve()))
+    except ValueError:
+        stored = str(root)
+    info = {"audio_root": stored, **extra}
+    (out_dir / DATASET_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_dataset_info(manifest_dir: str | Path) -> dict[str, Any]:
+    path = Path(manifest_dir) / DATASET_FILE
+    if not path.is_file():
+        raise ManifestError(
+            f"{path} is missing: a manifest directory needs dataset.json naming its audio root. "
+            "Write manifests with a data_prep converter, or pass audio_root explicitly."
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any] | Record]) -> int:
+    """Write rows (dicts or Records) as JSON lines; returns the count."""
+    n = 0
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write((row.to_json() if isinstance(row, Record) else json.dumps(row, ensure_ascii=False)) + "\n")
+            n += 1
+    return n
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSON-lines file; a bad line is an error that names the file and line number."""
+    rows = []
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path} does not exist.")
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ManifestError(f"{path}:{lineno}: not valid JSON ({err.msg}).") from err
+    return rows
+
+
+def load_manifest(path: str | Path, audio_root: str | Path | None = None) -> Manifest:
+    """Load ``DIR/<split>.jsonl``; the audio root comes from ``DIR/dataset.json`` unless given."""
+    path = Path(path)
+    if audio_root is None:
+        stored = Path(read_dataset_info(path.parent)["audio_root"])
+        audio_root = stored if stored.is_absolute() else path.parent / stored
+    records = [Record.from_dict(row) for row in read_jsonl(path)]
+    return Manifest(path=path, audio_root=Path(audio_root), records=records)

@@ -1,0 +1,107 @@
+"""Metrics and the prediction-file contract shared by inference and the ensemble.
+
+A prediction row: ``{"id", "part", "choices", "option_logits", "pred", "answer", "model"}`` with
+``option_logits`` in canonical (manifest) order and ``pred`` the chosen option's text.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+PREDICTION_KEYS = ("id", "part", "choices", "option_logits", "pred", "answer", "model")
+
+
+def accuracy_by_part(rows: Iterable[dict[str, Any]], correct_key: str | None = None) -> dict[str, Any]:
+    """Per-part accuracy, their arithmetic mean, the question-weighted mean and counts.
+
+    A row is correct when ``pred == answer`` (or ``row[correct_key]`` when given, a float in [0, 1]).
+    Rows without an answer (eval split) are skipped; with none left the result has no accuracies.
+    """
+    hits: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for row in rows:
+        if row.get("answer") is None:
+            continue
+        value = float(row[correct_key]) if correct_key else float(row["pred"] == row["answer"])
+        hits[row["part"]] += value
+        counts[row["part"]] += 1
+    parts = {p: hits[p] / counts[p] for p in sorted(counts)}
+    total = sum(counts.values())
+    return {
+        "per_part": parts,
+        "arithmetic_mean": float(np.mean(list(parts.values()))) if parts else None,
+        "weighted_mean": sum(hits.values()) / total if total else None,
+        "counts": dict(sorted(counts.items())),
+        "n": total,
+    }
+
+
+def chance_level(rows: Iterable[dict[str, Any]]) -> float:
+    """Expected accuracy of uniform guessing: the mean of 1 / number of choices."""
+    values = [1.0 / len(r["choices"]) for r in rows]
+    return float(np.mean(values)) if values else 0.0
+
+
+def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
+    z = z - z.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
+    """ECE with equal-width confidence bins: sum_b |B|/n * |acc_b - conf_b|."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    if confidence.size == 0:
+        return 0.0
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    idx = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        sel = idx == b
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - confidence[sel].mean())
+    return float(ece)
+
+
+def read_predictions(path: str | Path) -> list[dict[str, Any]]:
+    """Read a predictions JSONL, checking every row has the contract's keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"predictions file {path} does not exist; run inference/run.py first.")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg}).") from err
+            missing = [k for k in PREDICTION_KEYS if k not in row]
+            if missing:
+                raise ValueError(f"{path}:{lineno}: prediction lacks {missing} (see the predictions contract).")
+            if len(row["option_logits"]) != len(row["choices"]):
+                raise ValueError(f"{path}:{lineno}: {len(row['option_logits'])} logits for {len(row['choices'])} choices.")
+            rows.append(row)
+    return rows
+
+
+def write_submission(rows: Iterable[dict[str, Any]], path: str | Path) -> None:
+    """DCASE submission CSV: header ``question,answer``, the verbatim option text per question id."""
+    with Path(path).open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["question", "answer"])
+        for row in rows:
+            writer.writerow([row["id"], row["pred"]])
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
