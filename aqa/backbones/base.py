@@ -10,7 +10,7 @@ Shapes: B questions, G completions per question (GRPO), K option orders, N optio
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,19 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from aqa.data.example import Example
 from aqa.data.prompts import PromptConfig
-
-
-@dataclass
-class Example:
-    """A question as a backbone sees it: options in the order they are presented."""
-
-    id: str
-    question: str
-    choices: list[str]  # presented order (after any shuffling)
-    answer_index: int | None  # index into ``choices``; None when unknown (eval split)
-    features: dict[str, np.ndarray] = field(default_factory=dict)  # from ``extract_features`` (cached)
-    meta: dict[str, Any] = field(default_factory=dict)  # record meta (e.g. SED events for text backbones)
 
 
 @dataclass
