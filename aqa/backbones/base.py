@@ -107,6 +107,7 @@ class Backbone(ABC):
         """Per-token log-probs ``[B, G, T]`` of the completions, the prompt run once per question."""
         raise NotImplementedError(f"{self.name} does not support completion log-probs yet")
 
+    @abstractmethod
     def save_processor(self, out_dir: str | Path) -> None:
         """Write the processor/tokenizer files next to an exported model."""
 

@@ -8,9 +8,10 @@ record's ``audio`` path is relative to. Answers are option *text*; letters exist
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 SPLITS = ("train", "dev", "eval")
 DATASET_FILE = "dataset.json"
