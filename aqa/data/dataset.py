@@ -1,0 +1,188 @@
+"""The training dataset over a manifest and the rank-sharded, resumable sampler that feeds it.
+
+Every random choice an item makes (option order, SpecAugment bands) is drawn from a generator seeded
+by ``(seed, epoch, index, stream)``, never from global state. A resumed run, a different number of
+DataLoader workers or another prefetch depth therefore sees exactly the same stream of examples.
+The ``stream`` number keeps the augmentations independent: turning SpecAugment on does not change
+which option orders are drawn.
+
+:class:`ShardedSampler` yields ``(epoch, index)`` pairs; :class:`QADataset` accepts them (and plain
+indices, which use :meth:`QADataset.set_epoch`). Carrying the epoch with the index keeps persistent
+DataLoader workers, which hold their own copy of the dataset, on the right epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset, Sampler
+
+from aqa.data.augment import AugmentConfig, shuffle_options, spec_augment
+from aqa.data.cache import FeatureCache
+from aqa.data.example import Example
+from aqa.data.manifest import Manifest
+
+SHUFFLE_STREAM = 0
+SPEC_AUGMENT_STREAM = 1
+
+
+def item_rng(seed: int, epoch: int, index: int, stream: int) -> np.random.Generator:
+    """The generator for one augmentation of one item in one epoch."""
+    return np.random.default_rng([seed, epoch, index, stream])
+
+
+class QADataset(Dataset):
+    """Questions of one manifest as :class:`~aqa.data.example.Example` s with cached features.
+
+    ``cache``: the :class:`FeatureCache` built for this manifest with the backbone's extractor, or
+    ``None`` for backbones without audio input (features stay empty). ``spec_augment_key``: the
+    backbone's ``spec_augment_key``, the ``[n_mels, T]`` feature SpecAugment may mask.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        cache: FeatureCache | None = None,
+        *,
+        augment: AugmentConfig | None = None,
+        spec_augment_key: str | None = None,
+        seed: int = 0,
+    ):
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}.")
+        self.manifest = manifest
+        self.cache = cache
+        self.augment = augment or AugmentConfig()
+        self.spec_augment_key = spec_augment_key
+        self.seed = seed
+        self.epoch = 0
+        if self.augment.spec_augment.active and (spec_augment_key is None or cache is None):
+            raise ValueError(
+                "augment.spec_augment is on, but this backbone has no log-mel input to mask (or no feature "
+                "cache was given). Set augment.spec_augment.p=0 for this backbone."
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch used for plain integer indices."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.manifest.records)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> Example:
+        """``item``: an index, or an ``(epoch, index)`` pair as :class:`ShardedSampler` yields."""
+        epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
+        record = self.manifest.records[index]
+        choices, answer = list(record.choices), record.answer_index
+        perm = list(range(len(choices)))
+
+        shuffle = self.augment.shuffle_options
+        if shuffle.active:
+            rng = item_rng(self.seed, epoch, index, SHUFFLE_STREAM)
+            if rng.random() < shuffle.p:
+                choices, answer, perm = shuffle_options(choices, answer, rng)
+
+        features: dict[str, np.ndarray] = {}
+        if self.cache is not None:
+            features = self.cache.get(self.manifest.audio_path(record))
+        spec = self.augment.spec_augment
+        if spec.active:
+            if self.spec_augment_key not in features:
+                raise KeyError(
+                    f"spec_augment_key '{self.spec_augment_key}' is not among the cached features "
+                    f"{sorted(features)}: the cache was built with another extractor than this backbone's."
+                )
+            rng = item_rng(self.seed, epoch, index, SPEC_AUGMENT_STREAM)
+            if rng.random() < spec.p:
+                key = self.spec_augment_key
+                features[key] = spec_augment(features[key], spec.num_masks, spec.max_width, rng)
+
+        meta: dict[str, Any] = {**record.meta, "part": record.part, "option_perm": perm}
+        return Example(id=record.id, question=record.question, choices=choices, answer_index=answer,
+                       features=features, meta=meta)
+
+
+def collate_examples(batch: list[Example]) -> list[Example]:
+    """DataLoader ``collate_fn`` that keeps Examples as a list; the backbone's ``collate`` makes tensors."""
+    return list(batch)
+
+
+class ShardedSampler(Sampler):
+    """Each rank's share of an epoch's order, resumable at any position.
+
+    The epoch order is a permutation of ``range(num_items)`` seeded by ``(seed, epoch)`` (or the
+    identity when ``shuffle`` is off). It is padded by wrapping around to a multiple of
+    ``world_size`` (or cut, with ``drop_last``) so every rank takes the same number of steps, and
+    rank ``r`` takes positions ``r, r + world_size, ...``. Yields ``(epoch, index)``.
+    """
+
+    def __init__(self, num_items: int, *, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = False):
+        if num_items <= 0:
+            raise ValueError("the sampler needs at least one item; the manifest is empty.")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of size {world_size}.")
+        if drop_last and num_items < world_size:
+            raise ValueError(f"drop_last with {num_items} items over {world_size} ranks leaves nothing to train on.")
+        self.num_items, self.rank, self.world_size = num_items, rank, world_size
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.epoch = 0
+        self.position = 0  # items of this epoch this rank has yielded (or, after a restore, consumed)
+
+    @property
+    def num_samples(self) -> int:
+        """Items per rank per epoch."""
+        if self.drop_last:
+            return self.num_items // self.world_size
+        return math.ceil(self.num_items / self.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to ``epoch``; a new epoch starts at position 0, the current one keeps its position."""
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """This rank's indices for ``epoch``, from the start."""
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_items).tolist()
+        else:
+            order = list(range(self.num_items))
+        total = self.num_samples * self.world_size
+        while len(order) < total:  # wrap around: the few repeats keep every rank in step
+            order += order[: total - len(order)]
+        return order[:total][self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.position >= self.num_samples:  # a finished epoch iterated again starts over
+            self.position = 0
+        order = self.epoch_order(self.epoch)
+        while self.position < self.num_samples:
+            index = order[self.position]
+            self.position += 1
+            yield self.epoch, index
+
+    def __len__(self) -> int:
+        return self.num_samples - (self.position if self.position < self.num_samples else 0)
+
+    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
+        """Where this rank stands. DataLoader prefetching runs the sampler ahead of training, so pass
+        ``consumed`` (items of this epoch the model has actually seen on this rank) for an exact resume."""
+        return {"epoch": self.epoch, "position": self.position if consumed is None else consumed,
+                "seed": self.seed, "num_items": self.num_items, "world_size": self.world_size,
+                "shuffle": self.shuffle, "drop_last": self.drop_last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at ``state``; the next iteration yields exactly what the saved run would have yielded next."""
+        for name in ("seed", "num_items", "world_size", "shuffle", "drop_last"):
+            if state[name] != getattr(self, name):
+                raise ValueError(
+                    f"cannot resume the sampler: it was saved with {name}={state[name]!r}, this run has "
+                    f"{name}={getattr(self, name)!r}. Resume with the same data, seed and number of ranks, "
+                    "or start from a fresh epoch."
+                )
+        if not 0 <= state["position"] <= self.num_samples:
+            raise ValueError(f"saved sampler position {state['position']} is outside 0..{self.num_samples}.")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
