@@ -8,7 +8,8 @@
 - ``raw/strong_<split>.tsv`` + ``raw/mid_to_display_name.tsv``: the same clips as AudioSet-Strong
   annotations, so ``data_prep.audioset_strong`` runs on them.
 
-Conversion to manifests is left to the DCASE converter, so the demo exercises the real one. Every
+``build(out_dir, cfg)`` then converts the raw layout with the DCASE converter (``aqa.data.sources.dcase``),
+so the demo exercises the real one, into ``<split>.jsonl`` + ``quarantine.jsonl`` + ``dataset.json``. Every
 knob lives in ``configs/data/synth.yaml``; the sound catalogue is in ``aqa.data.synth_sounds`` and the
 question types in ``aqa.data.synth_questions``.
 """
@@ -26,13 +27,16 @@ import soundfile as sf
 from tqdm import tqdm
 
 from aqa.config import load_config
-from aqa.data.manifest import SPLITS
+from aqa.data.convert import QUARANTINE_FILE, Summary
+from aqa.data.manifest import DATASET_FILE, SPLITS, read_jsonl, write_jsonl
 from aqa.data.prompts import LETTERS
+from aqa.data.sources.dcase import convert_dcase
 from aqa.data.synth_questions import BUILDERS, SceneBuilder, SynthQA
 from aqa.data.synth_sounds import CATALOGUE, mix
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "data" / "synth.yaml"
-MARKER = "SYNTH.json"  # marks a raw folder this module wrote, so a rerun may replace it
+MARKER = "SYNTH_MARKER.txt"  # marks a raw folder this module wrote, so a rerun may replace it (not .json:
+# the DCASE converter reads every .json under raw/ as a question)
 URL_BASE = "https://example.org/dcase2025-synth/audio/"  # never fetched: the converter resolves by file name
 TSV_HEADER = "segment_id\tstart_time_seconds\tend_time_seconds\tlabel\n"
 
@@ -153,13 +157,16 @@ def generic_mid(cfg: SynthConfig) -> str:
 
 
 def _prepare(raw: Path) -> None:
-    """Start from an empty raw folder; replace only one this module wrote before."""
+    """Start from an empty raw folder; replace only one this module wrote before, with its manifests."""
     if raw.exists():
         if not (raw / MARKER).is_file():
             raise FileExistsError(
                 f"{raw} exists and was not written by data_prep.synth; remove it or choose another --out."
             )
         shutil.rmtree(raw)
+        # A smaller rerun must not leave a stale split beside the fresh ones.
+        for name in [f"{s}.jsonl" for s in SPLITS] + [QUARANTINE_FILE, DATASET_FILE]:
+            (raw.parent / name).unlink(missing_ok=True)
     (raw / "audio").mkdir(parents=True)
 
 
@@ -198,5 +205,30 @@ def generate_raw(out_dir: str | Path, cfg: SynthConfig, progress: bool = True) -
     if cfg.generic_label:
         labels.append((generic_mid(cfg), cfg.generic_label))
     (raw / "mid_to_display_name.tsv").write_text("".join(f"{m}\t{n}\n" for m, n in labels), encoding="utf-8")
-    (raw / MARKER).write_text(json.dumps({"generator": "data_prep.synth", "seed": cfg.seed}) + "\n")
+    (raw / MARKER).write_text(f"Written by data_prep.synth with seed {cfg.seed}; a rerun replaces this folder.\n")
     return folders
+
+
+def annotate_chance(manifest_dir: str | Path) -> None:
+    """Record ``meta.chance`` = 1 / number of options on every kept record (the converter does not)."""
+    for split in SPLITS:
+        path = Path(manifest_dir) / f"{split}.jsonl"
+        if path.is_file():
+            rows = read_jsonl(path)
+            for row in rows:
+                row.setdefault("meta", {})["chance"] = round(1.0 / len(row["choices"]), 6)
+            write_jsonl(path, rows)
+
+
+def build(out_dir: str | Path, cfg: SynthConfig, progress: bool = True, verbose: bool = True) -> Summary:
+    """Generate the raw layout, convert it with the DCASE converter and annotate chance levels.
+
+    Returns the converter's Summary (counts in = kept + quarantined). Audio stays under ``raw/audio``,
+    which ``dataset.json`` names as the audio root.
+    """
+    out_dir = Path(out_dir)
+    generate_raw(out_dir, cfg, progress=progress)
+    raw = out_dir / "raw"
+    summary = convert_dcase(raw, out_dir, audio_root=raw / "audio", progress=progress, verbose=verbose)
+    annotate_chance(out_dir)
+    return summary
