@@ -1,5 +1,6 @@
 """Backbones behind one protocol (see ``base.py``). Importing this package registers each of them."""
 
+from aqa.backbones import qwen2_audio  # noqa: F401  (registers "qwen2_audio")
 from aqa.backbones.base import Backbone, Example, Rollout, SamplingConfig, get_backbone, register
 
 __all__ = ["Backbone", "Example", "Rollout", "SamplingConfig", "get_backbone", "register"]

@@ -65,8 +65,12 @@ class Backbone(ABC):
         """Load model and processor from a local HF-style directory (tiny or 7B alike)."""
 
     @abstractmethod
-    def lora_target_modules(self, include_audio: bool = False) -> str | list[str]:
-        """PEFT ``target_modules``: the language model's linear layers (plus the audio side if asked)."""
+    def lora_target_modules(self, include_audio: bool = False, names: list[str] | None = None) -> str | list[str]:
+        """PEFT ``target_modules``: the language model's linear layers (plus the audio side if asked).
+
+        ``names`` narrows the choice to these leaf names (e.g. ``["q_proj", "v_proj"]``) while keeping it
+        on the language model; None means the backbone's default set. Raises if nothing matches.
+        """
 
     # -- features ------------------------------------------------------------------------------
     def feature_settings(self) -> dict[str, Any]:
@@ -96,6 +100,10 @@ class Backbone(ABC):
         only). Returns, per question, ``[K, N_b]`` logits **in canonical order** (``examples[b].choices``
         order). The audio and prompt prefix is computed once per question and shared by its K orders.
         """
+
+    def generate_answers(self, model: nn.Module, examples: list[Example], max_new_tokens: int) -> list[str]:
+        """Greedy completions of the question prompts (generate-mode inference), special tokens removed."""
+        raise NotImplementedError(f"{self.name} does not support generate-mode inference yet")
 
     # -- GRPO ------------------------------------------------------------------------------------
     def generate(self, model: nn.Module, examples: list[Example], num_samples: int,

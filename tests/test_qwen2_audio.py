@@ -1,0 +1,173 @@
+"""The qwen2_audio backbone on a tiny random model written to disk: load path, features, collate, LoRA."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from aqa.backbones import get_backbone
+from aqa.data.example import Example
+from aqa.data.prompts import PromptConfig
+from aqa.lora import AdapterError, LoraConfig, apply_lora, load_adapter, merge_lora
+from aqa.tiny import SPECIAL_TOKENS, TinyQwen2AudioSpec, write_tiny_qwen2_audio
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return write_tiny_qwen2_audio(tmp_path_factory.mktemp("tiny") / "qwen2_audio", seed=0)
+
+
+@pytest.fixture()
+def backbone(tiny_dir):
+    return get_backbone("qwen2_audio").from_pretrained(tiny_dir)
+
+
+def _wave(seconds: float, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(int(16000 * seconds)) * 0.1).astype(np.float32)
+
+
+def _examples(bb, n=3):
+    choices = ["dog bark", "siren", "rain", "bell"]
+    return [
+        Example(id=f"q{i}", question="What is the first sound?", choices=choices[: 4 - i % 3],
+                answer_index=1, features=bb.extract_features(_wave(1.0 + i, seed=i)))
+        for i in range(n)
+    ]
+
+
+def test_tiny_writes_a_normal_hf_dir_that_loads_with_plain_transformers(tiny_dir, tmp_path):
+    from transformers import Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
+
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "preprocessor_config.json", "generation_config.json"):
+        assert (tiny_dir / name).is_file(), name
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(tiny_dir)
+    proc = Qwen2AudioProcessor.from_pretrained(tiny_dir)
+    ids = proc.tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)
+    assert ids == list(range(ids[0], ids[0] + len(SPECIAL_TOKENS)))  # real relative order, right after BPE
+    assert model.config.audio_token_index == proc.tokenizer.convert_tokens_to_ids("<|AUDIO|>")
+    # encoder window matches the front end: 5 s -> 500 frames -> 250 positions
+    assert proc.feature_extractor.nb_max_frames == 2 * model.config.audio_config.max_source_positions == 500
+    text = proc.apply_chat_template(
+        [{"role": "user", "content": [{"type": "audio", "audio": "x"}, {"type": "text", "text": "Q?"}]}],
+        tokenize=False, add_generation_prompt=True)
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                    "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\nQ?<|im_end|>\n<|im_start|>assistant\n")
+    # same seed -> same weights; another seed -> different weights
+    again = load_file(write_tiny_qwen2_audio(tmp_path / "a", seed=0) / "model.safetensors")
+    other = load_file(write_tiny_qwen2_audio(tmp_path / "b", seed=1) / "model.safetensors")
+    first = load_file(tiny_dir / "model.safetensors")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_features_and_prompt_ids_equal_the_processor(backbone):
+    wave = _wave(2.3)
+    ex = Example(id="q", question="Which?", choices=["a cat", "a dog"], answer_index=0,
+                 features=backbone.extract_features(wave))
+    assert backbone.spec_augment_key == "input_features"
+    assert ex.features["input_features"].shape == (128, 500)
+    assert int(ex.features["feature_length"]) == 230
+    text = backbone._chat_prefix(ex, ex.choices)
+    ref = backbone.processor(text=text, audio=wave, return_tensors="pt")
+    ours = backbone._expand_audio(backbone._encode(text), ex)
+    assert ours == ref["input_ids"][0].tolist()
+    np.testing.assert_allclose(ex.features["input_features"], ref["input_features"][0].numpy(), atol=1e-6)
+    assert int(ex.features["feature_length"]) == int(ref["feature_attention_mask"].sum())
+
+
+def test_collate_labels_only_the_target_and_end_of_turn(backbone):
+    backbone.prompt = PromptConfig(target_format="({letter}) {text}")
+    examples = _examples(backbone)
+    batch = backbone.collate(examples)
+    tok = backbone.tokenizer
+    for row in range(len(examples)):
+        labeled = batch["labels"][row][batch["labels"][row] != -100].tolist()
+        assert tok.decode(labeled) == "(B) siren<|im_end|>"
+        # the labels sit on exactly the last real tokens of the row
+        n_real = int(batch["attention_mask"][row].sum())
+        assert batch["input_ids"][row][n_real - len(labeled) : n_real].tolist() == labeled
+        assert (batch["labels"][row][n_real:] == -100).all()
+    assert batch["input_features"].shape == (3, 128, 500)
+    loss = backbone.loss(backbone.model, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and backbone.model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_collate_refuses_unanswered_and_featureless_examples(backbone):
+    ex = _examples(backbone, 1)[0]
+    ex.answer_index = None
+    with pytest.raises(ValueError, match="no answer"):
+        backbone.collate([ex])
+    ex = Example(id="bare", question="Q?", choices=["a", "b"], answer_index=0)
+    with pytest.raises(ValueError, match="extract_features"):
+        backbone.collate([ex])
+
+
+def _lora_modules(model):
+    return [n for n, m in model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)]
+
+
+def test_lora_targets_hit_only_the_language_model_unless_asked(tiny_dir):
+    cls = get_backbone("qwen2_audio")
+    bb = cls.from_pretrained(tiny_dir)
+    apply_lora(bb, LoraConfig(r=2))
+    hit = _lora_modules(bb.model)
+    assert len(hit) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+    assert all(".language_model." in n for n in hit)
+    trainable = [n for n, p in bb.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+    bb = cls.from_pretrained(tiny_dir)
+    apply_lora(bb, LoraConfig(r=2, targets=["q_proj", "v_proj"]))
+    assert sorted({n.rsplit(".", 1)[1] for n in _lora_modules(bb.model)}) == ["q_proj", "v_proj"]
+    assert all(".language_model." in n for n in _lora_modules(bb.model))  # not the encoder's q/v_proj
+
+    bb = cls.from_pretrained(tiny_dir)
+    apply_lora(bb, LoraConfig(r=2, include_audio=True))
+    hit = _lora_modules(bb.model)
+    assert any(".audio_tower." in n for n in hit) and any("multi_modal_projector" in n for n in hit)
+
+    with pytest.raises(ValueError, match="match no linear layer"):
+        cls.from_pretrained(tiny_dir).lora_target_modules(names=["no_such_proj"])
+
+
+def test_adapter_round_trip_merge_and_wrong_base(tiny_dir, tmp_path):
+    cls = get_backbone("qwen2_audio")
+    bb = cls.from_pretrained(tiny_dir)
+    apply_lora(bb, LoraConfig(r=4, dropout=0.0))
+    for name, p in bb.model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make the adapter change the outputs
+            torch.nn.init.normal_(p, std=0.5)
+    bb.model.save_pretrained(tmp_path / "adapter")
+    examples = _examples(bb, 2)
+    trained = bb.option_logits(bb.model, examples)
+
+    fresh = cls.from_pretrained(tiny_dir)
+    base = fresh.option_logits(fresh.model, examples)
+    load_adapter(fresh, tmp_path / "adapter")
+    loaded = fresh.option_logits(fresh.model, examples)
+    assert not torch.allclose(base[0], trained[0], atol=1e-4)
+    for a, b in zip(trained, loaded):
+        torch.testing.assert_close(a, b)
+    merge_lora(fresh)
+    assert not _lora_modules(fresh.model)
+    for a, b in zip(trained, fresh.option_logits(fresh.model, examples)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+    other_dir = write_tiny_qwen2_audio(tmp_path / "other", spec=TinyQwen2AudioSpec(hidden_size=32))
+    with pytest.raises(AdapterError, match="trained on another base"):
+        load_adapter(cls.from_pretrained(other_dir), tmp_path / "adapter")
+    with pytest.raises(AdapterError, match="not a PEFT adapter"):
+        load_adapter(cls.from_pretrained(tiny_dir), tmp_path)
+
+
+def test_missing_or_foreign_model_dir_errors(tmp_path):
+    cls = get_backbone("qwen2_audio")
+    with pytest.raises(FileNotFoundError, match="aqa.tiny"):
+        cls.from_pretrained(tmp_path / "nope")
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match=re.escape("'llama' model")):
+        cls.from_pretrained(tmp_path)
