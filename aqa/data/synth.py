@@ -42,12 +42,21 @@ TSV_HEADER = "segment_id\tstart_time_seconds\tend_time_seconds\tlabel\n"
 
 
 @dataclass
+class SplitSizes:
+    """Questions per split, all parts together (a section, so ``sizes.train=40`` overrides one)."""
+
+    train: int
+    dev: int
+    eval: int
+
+
+@dataclass
 class SynthConfig:
     """Every knob of the generator; values live in ``configs/data/synth.yaml``."""
 
     seed: int
     sample_rate: int
-    sizes: dict[str, int]  # questions per split, all parts together
+    sizes: SplitSizes
     part_shares: dict[str, float]  # part -> share of each split
     question_types: dict[str, dict[str, float]]  # part -> question type -> share of the part
     clip_seconds: list[float]  # [min, max] clip length before events force it longer
@@ -71,20 +80,17 @@ class SynthConfig:
 def load_synth_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SynthConfig:
     """The generator config from ``path`` (default ``configs/data/synth.yaml``) plus ``key=value`` overrides."""
     cfg = load_config(SynthConfig, path or DEFAULT_CONFIG, overrides)
-    for part, share in cfg.part_shares.items():
-        if part not in BUILDERS:
-            raise ValueError(f"part_shares names unknown part '{part}'; known parts: {', '.join(BUILDERS)}.")
-        if share > 0 and not cfg.question_types.get(part):
-            raise ValueError(f"question_types has no entry for part '{part}'; list its types and shares.")
     for part, types in cfg.question_types.items():
         unknown = sorted(set(types) - set(BUILDERS.get(part, {})))
         if unknown:
             raise ValueError(
                 f"question_types.{part} names unknown types {unknown}; known: {', '.join(BUILDERS.get(part, {}))}."
             )
-    bad = [s for s in cfg.sizes if s not in SPLITS]
-    if bad:
-        raise ValueError(f"sizes names unknown splits {bad}; use {', '.join(SPLITS)}.")
+    for part, share in cfg.part_shares.items():
+        if part not in BUILDERS:
+            raise ValueError(f"part_shares names unknown part '{part}'; known parts: {', '.join(BUILDERS)}.")
+        if share > 0 and not cfg.question_types.get(part):
+            raise ValueError(f"question_types has no entry for part '{part}'; list its types and shares.")
     return cfg
 
 
@@ -177,7 +183,7 @@ def generate_raw(out_dir: str | Path, cfg: SynthConfig, progress: bool = True) -
     """
     raw = Path(out_dir) / "raw"
     _prepare(raw)
-    sizes = {s: cfg.sizes.get(s, 0) for s in SPLITS}
+    sizes = {s: getattr(cfg.sizes, s) for s in SPLITS}
     plan = [(split, part, n) for split in SPLITS for part, n in allocate(sizes[split], cfg.part_shares).items()]
     folders: dict[str, dict[str, Path]] = {}
     bar = tqdm(total=sum(sizes.values()), desc="synth", unit="clip", disable=not progress, dynamic_ncols=True)

@@ -103,13 +103,14 @@ class SceneBuilder:
         durs = [round(d, 3) for _, d, _ in items]
         need = sum(durs) + (len(items) - 1) * cfg.min_gap_s + 2 * cfg.margin_s
         seconds = max(self.uniform(cfg.clip_seconds), need)
-        seconds = math.ceil(seconds * 100) / 100  # whole centiseconds: an integer sample count
         slack = self.rng.dirichlet(np.ones(len(items) + 1)) * (seconds - need)
         placed, t = [], cfg.margin_s
         for i, ((sound, _, level), dur) in enumerate(zip(items, durs)):
             onset = round(t + slack[i], 3)
             placed.append(Placed(sound, onset, round(onset + dur, 3), level))
-            t = onset + dur + cfg.min_gap_s
+            t = placed[-1].offset + cfg.min_gap_s
+        # Whole centiseconds (an integer sample count) that still leave the closing margin.
+        seconds = math.ceil(round(max(seconds, placed[-1].offset + cfg.margin_s) * 100, 6)) / 100
         return seconds, placed
 
     def calls(self, sound: Sound, count: int) -> list[tuple[Sound, float, float]]:
