@@ -76,20 +76,23 @@ def read_json_file(path: str | Path) -> Any:
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
     """Yield ``(line_number, object)`` per non-blank line; a bad line yields a ``RecordError`` instead.
 
-    A file that is not UTF-8 as a whole cannot be split into trustworthy lines: ``ConversionError``.
+    Lines are decoded one by one, so one non-UTF-8 or malformed line is quarantined, not the whole file.
     """
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        raw = path.read_bytes()
     except OSError as err:
         raise ConversionError(f"cannot read {path}: {err.strerror or err}") from err
-    except UnicodeDecodeError as err:
-        raise ConversionError(f"{path} is not UTF-8 text (offset {err.start}); re-save it as UTF-8.") from err
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+    for lineno, line in enumerate(raw.splitlines(), 1):
+        try:
+            text = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            yield lineno, RecordError(f"line {lineno}: not UTF-8 text (byte 0x{line[err.start]:02x})")
+            continue
+        if not text.strip():
             continue
         try:
-            yield lineno, json.loads(line)
+            yield lineno, json.loads(text)
         except json.JSONDecodeError as err:
             yield lineno, RecordError(f"line {lineno}: malformed JSON: {err.msg} at column {err.colno}")
 
@@ -213,7 +216,7 @@ def _reason_kind(reason: str) -> str:
     """Group reasons for the summary: quoted details and numbers blanked ("audio file '…' not found")."""
     reason = re.sub(r"'[^']*'", "'…'", reason)
     reason = re.sub(r"\[[^\]]*\]", "[…]", reason)
-    return re.sub(r"\d+(\.\d+)?", "N", reason)
+    return re.sub(r"(?<![\w-])\d+(\.\d+)?(?!\w)", "N", reason)
 
 
 class ManifestWriter:
