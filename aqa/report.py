@@ -1,0 +1,79 @@
+"""The demo report: ``report.json`` (machine-readable) and ``report.md`` (a person's table).
+
+``report.json`` holds a top-level ``members`` list; each member is
+``{"name", "backbone", "stage", "adapter", "predictions": {"dev", "eval"}, "metrics": {"dev": metrics.json},
+"chance": {"dev": float}}``, plus ``"ensemble"`` and ``"wall_s"`` once those stages have run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from aqa.metrics import write_json
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    return {"members": []}
+
+
+def upsert_member(report: dict[str, Any], member: dict[str, Any]) -> None:
+    """Add a member, replacing one of the same name (a rerun of a stage)."""
+    report["members"] = [m for m in report.get("members", []) if m["name"] != member["name"]] + [member]
+
+
+def _fmt(x: Any) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def accuracy_table(rows: list[tuple[str, dict[str, Any], float | None]]) -> str:
+    """Markdown table: one row per (name, metrics, chance) with per-part accuracy and the two means."""
+    parts = sorted({p for _, m, _ in rows for p in (m.get("per_part") or {})})
+    head = ["system", *parts, "arith. mean", "weighted mean", "chance", "n"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m, chance in rows:
+        per = m.get("per_part") or {}
+        cells = [name, *[_fmt(per.get(p)) for p in parts], _fmt(m.get("arithmetic_mean")),
+                 _fmt(m.get("weighted_mean")), _fmt(chance), str(m.get("n", ""))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The whole report as Markdown: data summary, the dev table, ensemble weights, extra sections."""
+    out = ["# Demo report", ""]
+    if report.get("wall_s") is not None:
+        out += [f"Whole demo: {report['wall_s']:.0f} s wall-clock.", ""]
+    if report.get("data_summary"):
+        out += ["## Data", "", "```", report["data_summary"].rstrip(), "```", ""]
+    rows = [(f"{m['name']} ({m['backbone']}, {m['stage']})", m["metrics"]["dev"], m.get("chance", {}).get("dev"))
+            for m in report.get("members", []) if m.get("metrics", {}).get("dev")]
+    ens = report.get("ensemble")
+    if ens and ens.get("metrics", {}).get("dev"):
+        chance = rows[0][2] if rows else None
+        rows.append(("**ensemble**", ens["metrics"]["dev"], chance))
+    if rows:
+        out += ["## Dev accuracy (%)", "", accuracy_table(rows), ""]
+    else:
+        out += ["No trained members yet.", ""]
+    if ens:
+        out += ["## Ensemble", "", "| member | weight | temperature |", "|---|---|---|"]
+        for name, w, t in zip(ens.get("members", []), ens.get("weights", []), ens.get("temperatures", [])):
+            out.append(f"| {name} | {w:.3f} | {t:.3f} |")
+        out.append("")
+        for plot in ens.get("plots", []):
+            out.append(f"![{Path(plot).stem}]({plot})")
+        out.append("")
+    for section in report.get("sections", []):
+        out += [f"## {section['title']}", "", section["body"].rstrip(), ""]
+    return "\n".join(out)
+
+
+def save_report(report: dict[str, Any], out_dir: str | Path) -> None:
+    out_dir = Path(out_dir)
+    write_json(report, out_dir / "report.json")
+    (out_dir / "report.md").write_text(render_markdown(report), encoding="utf-8")
