@@ -1,0 +1,70 @@
+"""aqa.export: LoRA merged into the base loads with plain transformers and scores like base + adapter."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from aqa.backbones import get_backbone
+from aqa.data.example import Example
+from aqa.export import export_merged
+from aqa.lora import AdapterError, LoraConfig, apply_lora
+from aqa.tiny import TinyQwen2AudioSpec, write_tiny_qwen2_audio
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny base and an adapter whose LoRA B matrices are non-zero (so merging changes the weights)."""
+    root = tmp_path_factory.mktemp("export")
+    base = write_tiny_qwen2_audio(root / "base", seed=3)
+    bb = get_backbone("qwen2_audio").from_pretrained(base)
+    apply_lora(bb, LoraConfig(r=4, dropout=0.0))
+    torch.manual_seed(0)
+    for name, p in bb.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    bb.model.save_pretrained(root / "adapter")
+    wave = (np.random.default_rng(0).standard_normal(24000) * 0.1).astype(np.float32)
+    examples = [Example(id="q", question="Which sound?", choices=["rain", "bell", "siren"], answer_index=2,
+                        features=bb.extract_features(wave))]
+    return root, base, bb, examples
+
+
+def test_merged_model_loads_with_plain_transformers_and_matches(trained):
+    from transformers import Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
+
+    root, base, bb, examples = trained
+    out = export_merged(root / "adapter", root / "merged")  # base found in adapter_config.json
+    with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
+        assert not [k for k in fh.keys() if "lora" in k]
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(out)
+    Qwen2AudioProcessor.from_pretrained(out)
+    assert (out / "preprocessor_config.json").is_file()
+    with_adapter = bb.option_logits(bb.model, examples)[0]
+    merged = bb.option_logits(model, examples)[0]
+    plain = get_backbone("qwen2_audio").from_pretrained(base)
+    assert not torch.allclose(plain.option_logits(plain.model, examples)[0], with_adapter, atol=1e-4)
+    torch.testing.assert_close(merged, with_adapter, atol=1e-5, rtol=1e-4)
+
+
+def test_export_cli_and_errors(trained, tmp_path):
+    root, base, _, _ = trained
+    cmd = [sys.executable, "-m", "aqa.export", "--adapter", str(root / "adapter"), "--out", str(tmp_path / "m"),
+           "--base", str(base)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT),
+                          "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "m" / "config.json").is_file()
+
+    with pytest.raises(AdapterError, match="adapter_config.json"):
+        export_merged(tmp_path, tmp_path / "x")
+    other = write_tiny_qwen2_audio(tmp_path / "other", spec=TinyQwen2AudioSpec(intermediate_size=96))
+    with pytest.raises(AdapterError, match="another base"):
+        export_merged(root / "adapter", tmp_path / "y", base=other)
+    assert not (tmp_path / "y").exists()  # nothing half-written
