@@ -108,14 +108,14 @@ def _question_files(src: Path) -> list[Path]:
     raise ConversionError(f"--src {src} does not exist.")
 
 
-def _items(path: Path, single_file: bool) -> Iterator[tuple[str, Any]]:
-    """``(id, item or RecordError)`` for each question in one source file."""
+def _items(path: Path, preloaded: Any = None) -> Iterator[tuple[str, Any]]:
+    """``(id, item or RecordError)`` for each question in one source file (``preloaded``: its parsed JSON)."""
     if path.suffix.lower() == ".jsonl":
         for i, (lineno, obj) in enumerate(iter_jsonl(path)):
             yield (f"{path.stem}_line{lineno}" if isinstance(obj, RecordError) else _item_id(obj, path.stem, i)), obj
         return
-    if single_file:  # the whole input: unreadable is an error, not a quarantine entry
-        data = load_json_input(path, "question file")
+    if preloaded is not None:
+        data = preloaded
     else:
         try:
             data = read_json_file(path)
@@ -159,13 +159,14 @@ def convert_dcase(
     owned = sorted({s for s in split_of.values() if s}, key=SPLITS.index)
     if not owned:
         raise ConversionError(f"cannot tell the split from the folder names under {src}; pass --split train|dev|eval.")
-    single = src.is_file()
+    # A single .json input is the whole input: unreadable is an error (before any output), not a quarantine entry.
+    preloaded = load_json_input(src, "question file") if src.is_file() and src.suffix.lower() != ".jsonl" else None
     with ManifestWriter(out_dir, audio_root, source="dcase", splits=owned, total=len(files) if len(files) > 1 else None,
                         progress=progress, verbose=verbose) as writer:
         for path in files:
             file_split = split_of[path]
             file_part = part or infer_part(scope[path])
-            for rid, item in _items(path, single):
+            for rid, item in _items(path, preloaded):
                 if isinstance(item, RecordError):
                     writer.reject(path, rid, str(item), split=file_split)
                 elif file_split is None:
