@@ -160,21 +160,11 @@ def build_tiny_qwen2_audio_processor(spec: TinyQwen2AudioSpec):
     )
 
 
-def write_tiny_qwen2_audio(out_dir: str | Path, seed: int = 0, spec: TinyQwen2AudioSpec | None = None) -> Path:
-    """Write a tiny random-init Qwen2-Audio to ``out_dir`` as a normal HF model directory.
+def tiny_qwen2_audio_config(spec: TinyQwen2AudioSpec, tokenizer):
+    """The ``Qwen2AudioConfig`` of a tiny model whose vocabulary is ``tokenizer``'s."""
+    from transformers import Qwen2AudioConfig
 
-    The directory holds config.json, model.safetensors, generation_config.json, the tokenizer files and
-    preprocessor_config.json; it loads with ``Qwen2AudioForConditionalGeneration.from_pretrained`` and
-    ``Qwen2AudioProcessor.from_pretrained`` like the real checkpoint. Same seed and spec, same weights.
-    """
-    from transformers import GenerationConfig, Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
-
-    spec = spec or TinyQwen2AudioSpec()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    processor = build_tiny_qwen2_audio_processor(spec)
-    tok = processor.tokenizer
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     # The audio encoder sees exactly chunk_seconds of mel frames (hop 10 ms), halved by conv2's stride.
     max_source_positions = spec.chunk_seconds * 100 // 2
     config = Qwen2AudioConfig(
@@ -190,7 +180,7 @@ def write_tiny_qwen2_audio(out_dir: str | Path, seed: int = 0, spec: TinyQwen2Au
         },
         text_config={
             "model_type": "qwen2",
-            "vocab_size": len(tok),
+            "vocab_size": len(tokenizer),
             "hidden_size": spec.hidden_size,
             "num_hidden_layers": spec.num_hidden_layers,
             "num_attention_heads": spec.num_attention_heads,
@@ -208,12 +198,49 @@ def write_tiny_qwen2_audio(out_dir: str | Path, seed: int = 0, spec: TinyQwen2Au
         audio_token_index=ids[AUDIO],
     )
     config.architectures = ["Qwen2AudioForConditionalGeneration"]
+    return config
+
+
+def build_tiny_qwen2_audio(spec: TinyQwen2AudioSpec | None = None, seed: int = 0, *,
+                           device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A random-init Qwen2-Audio of ``spec``'s sizes and its processor, in memory: ``(model, processor)``.
+
+    Benchmarks use it to build 7B-shaped models on a GPU without writing 16 GB to disk; everything
+    else goes through :func:`write_tiny_qwen2_audio` and ``from_pretrained``.
+    """
+    from transformers import GenerationConfig, Qwen2AudioForConditionalGeneration
+
+    spec = spec or TinyQwen2AudioSpec()
+    processor = build_tiny_qwen2_audio_processor(spec)
+    config = tiny_qwen2_audio_config(spec, processor.tokenizer)
     torch.manual_seed(seed)
-    model = Qwen2AudioForConditionalGeneration(config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2AudioForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
+    tok = processor.tokenizer
     model.generation_config = GenerationConfig(
-        bos_token_id=ids[ENDOFTEXT], eos_token_id=[ids[IM_END], ids[ENDOFTEXT]], pad_token_id=ids[ENDOFTEXT],
-        do_sample=False,
+        bos_token_id=tok.convert_tokens_to_ids(ENDOFTEXT),
+        eos_token_id=[tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(ENDOFTEXT)],
+        pad_token_id=tok.convert_tokens_to_ids(ENDOFTEXT), do_sample=False,
     )
+    return model.eval(), processor
+
+
+def write_tiny_qwen2_audio(out_dir: str | Path, seed: int = 0, spec: TinyQwen2AudioSpec | None = None) -> Path:
+    """Write a tiny random-init Qwen2-Audio to ``out_dir`` as a normal HF model directory.
+
+    The directory holds config.json, model.safetensors, generation_config.json, the tokenizer files and
+    preprocessor_config.json; it loads with ``Qwen2AudioForConditionalGeneration.from_pretrained`` and
+    ``Qwen2AudioProcessor.from_pretrained`` like the real checkpoint. Same seed and spec, same weights.
+    """
+    spec = spec or TinyQwen2AudioSpec()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, processor = build_tiny_qwen2_audio(spec, seed)
     model.save_pretrained(out)  # safetensors (transformers 5 writes nothing else)
     processor.save_pretrained(out)
     # The 7B checkpoint ships its Whisper settings as preprocessor_config.json; write it too, so tools

@@ -92,6 +92,7 @@ class Qwen2AudioBackbone(Backbone):
         self.pad_id = self.tokenizer.pad_token_id
         self.im_end_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self._letter_ids: torch.Tensor | None = None  # computed on first scoring call
+        self._frame: tuple[str, str] | None = None  # chat template around the user text
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
@@ -161,13 +162,28 @@ class Qwen2AudioBackbone(Backbone):
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _chat_frame(self) -> tuple[str, str]:
+        """The chat template rendered once around a placeholder user text: ``(head, tail)``.
+
+        Rendering Jinja for each of K orders of each question costs more than the tiny model's forward;
+        the template inserts the user text verbatim, so head + text + tail is the same string.
+        """
+        if self._frame is None:
+            marker = "\x00USER_TEXT\x00"
+            messages = [{"role": "user", "content": [{"type": "audio", "audio": "clip"},
+                                                     {"type": "text", "text": marker}]}]
+            # the processor's template: checkpoints keep it there (chat_template.jinja / .json)
+            text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            if text.count(marker) != 1:
+                raise ValueError("the checkpoint's chat template does not place the user text exactly once.")
+            head, tail = text.split(marker)
+            self._frame = (head, tail)
+        return self._frame
+
     def _chat_prefix(self, ex: Example, choices: list[str]) -> str:
         """Chat text up to and including the assistant start ``<|im_start|>assistant\\n``."""
-        messages = [{"role": "user", "content": [
-            {"type": "audio", "audio": ex.id},
-            {"type": "text", "text": render_question(ex.question, choices, self.prompt)},
-        ]}]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        head, tail = self._chat_frame()
+        return head + render_question(ex.question, choices, self.prompt) + tail
 
     def _expand_audio(self, ids: list[int], ex: Example) -> list[int]:
         """Replace the one ``<|AUDIO|>`` by as many copies as the encoder yields frames for this clip."""
@@ -241,10 +257,13 @@ class Qwen2AudioBackbone(Backbone):
     def _encode_assistant_start(self) -> str:
         return "<|im_start|>assistant\n" + answer_lead(self.prompt)
 
-    def _scoring_ids(self, ex: Example, order: list[int]) -> list[int]:
-        """Prompt ids for one order, ending at the answer position (audio expanded)."""
-        choices = [ex.choices[j] for j in order]
-        return self._expand_audio(self._encode(self._chat_prefix(ex, choices) + answer_lead(self.prompt)), ex)
+    def _scoring_ids(self, examples: list[Example], orders: list[list[list[int]]]) -> list[list[list[int]]]:
+        """Prompt ids per question and order, ending at the answer position (audio expanded)."""
+        lead = answer_lead(self.prompt)
+        texts = [self._chat_prefix(ex, [ex.choices[j] for j in order]) + lead
+                 for ex, ords in zip(examples, orders) for order in ords]
+        flat = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"])  # one batched call
+        return [[self._expand_audio(next(flat), ex) for _ in ords] for ex, ords in zip(examples, orders)]
 
     @torch.no_grad()
     def option_logits(self, model, examples, orders=None, share_prefix: bool = True) -> list[torch.Tensor]:
@@ -256,7 +275,7 @@ class Qwen2AudioBackbone(Backbone):
         hf = unwrap(model)
         device = next(hf.parameters()).device
         orders = orders or [[list(range(len(ex.choices)))] for ex in examples]
-        prompts = [[self._scoring_ids(ex, o) for o in ords] for ex, ords in zip(examples, orders)]
+        prompts = self._scoring_ids(examples, orders)
         with eval_mode(model):
             if share_prefix and any(len(o) > 1 for o in orders):
                 presented = self._shared_prefix_logits(hf, examples, prompts, device)
