@@ -171,3 +171,11 @@ def test_missing_or_foreign_model_dir_errors(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ValueError, match=re.escape("'llama' model")):
         cls.from_pretrained(tmp_path)
+
+
+def test_batched_greedy_generation_equals_one_at_a_time(backbone):
+    examples = _examples(backbone, 2)
+    examples[0].question = "Which?"  # different prompt lengths, so the batch is left-padded
+    both = backbone.generate_answers(backbone.model, examples, 5)
+    assert both == [backbone.generate_answers(backbone.model, [ex], 5)[0] for ex in examples]
+    assert all(isinstance(t, str) and t for t in both)
