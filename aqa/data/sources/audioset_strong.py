@@ -59,7 +59,7 @@ def convert_audioset_strong(
     drop = {g.strip().lower() for g in cfg.generic_labels}
     vocab = sorted({n for m, n in label_map.items() if n.lower() not in drop and m.lower() not in drop})
     audio = AudioIndex(audio_root)
-    with ManifestWriter(out_dir, audio_root, source="audioset_strong", splits=[split], total=len(clips),
+    with ManifestWriter(out_dir, audio_root, source="audioset_strong", splits=[split], total=None,
                         progress=progress, verbose=verbose) as writer:
         for row_id, reason in bad_rows:
             writer.reject(tsv, row_id, reason, split=split)
