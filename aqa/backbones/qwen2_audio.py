@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from aqa.backbones.base import Backbone, register
+from aqa.backbones import shared_prefix
+from aqa.backbones.base import Backbone, Rollout, register
 from aqa.data.example import Example
 from aqa.data.prompts import PromptConfig, render_question, render_target
 from aqa.scoring import answer_lead, gather_letter_logits, letter_token_ids, to_canonical
@@ -354,3 +355,27 @@ class Qwen2AudioBackbone(Backbone):
                 do_sample=False, pad_token_id=self.pad_id, **audio,
             )
         return self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+
+    # -- GRPO rollouts (shared prefix: aqa/backbones/shared_prefix.py) ----------------------------
+    def generate(self, model, examples, num_samples, sampling) -> Rollout:
+        """G completions per question: audio and prompt prefilled once per question, the KV cache expanded
+        to G, special and media tokens never sampled. ``Rollout.prompt`` is a ``PromptBatch``."""
+        hf = unwrap(model)
+        device = next(hf.parameters()).device
+        rows = [self._expand_audio(self._encode(self._chat_prefix(ex, ex.choices)), ex) for ex in examples]
+        input_ids, mask = shared_prefix.left_pad(rows, self.pad_id)
+        audio = self._audio_batch(examples)
+        audio["input_features"] = audio["input_features"].to(hf.dtype)
+        prompt = shared_prefix.PromptBatch(input_ids.to(device), mask.to(device),
+                                           {k: v.to(device) for k, v in audio.items()}, sampling.temperature)
+        rules = shared_prefix.token_rules(self.tokenizer, hf)
+        with eval_mode(model):
+            ids, cmask = shared_prefix.sample(hf, prompt, num_samples, sampling, rules)
+        texts = [self.tokenizer.batch_decode(group, skip_special_tokens=True) for group in ids.cpu()]
+        return Rollout(examples=examples, prompt=prompt, completion_ids=ids, completion_mask=cmask, texts=texts)
+
+    def completion_logprobs(self, model, rollout: Rollout) -> torch.Tensor:
+        """Per-token log-probs ``[B, G, T]`` of ``rollout``'s completions under ``model`` (with grad when
+        enabled), the prompt run once per question; see ``shared_prefix.completion_logprobs``."""
+        return shared_prefix.completion_logprobs(unwrap(model), rollout.prompt, rollout.completion_ids,
+                                                 rollout.completion_mask)
