@@ -1,0 +1,194 @@
+"""Benchmark: one GRPO step with the shared prefix against the naive (r1-aqa) layout, same model and batch.
+
+    python bench/grpo_step.py [--questions 8] [--generations 6] [--max-new-tokens 8] [--steps 3]
+                              [--device cpu|cuda] [--dtype float32|bfloat16] [spec key=value ...]
+
+A random-init Qwen2-Audio of ``aqa.tiny.TinyQwen2AudioSpec`` sizes (override any, e.g. a 7B shape on a
+GPU: hidden_size=4096 num_hidden_layers=32 num_attention_heads=32 num_key_value_heads=32
+intermediate_size=11008 audio_d_model=1280 audio_layers=32 audio_heads=20 audio_ffn_dim=5120
+chunk_seconds=30) with LoRA runs the same GRPO step both ways: sample G completions, rewards,
+advantages, reference log-probs (adapter disabled), policy log-probs, loss, backward, optimizer step.
+
+- naive: the prompt and its audio repeated G times for generation, the reference and the policy;
+- shared: one prefill per question, its KV cache expanded to G (``aqa/backbones/shared_prefix.py``).
+
+A random model never says <|im_end|>, so every completion runs the full token budget in both layouts.
+Each layout runs in its own process (so one's freed memory cannot hide the other's peak). Prints both
+times, peak memory (CUDA: allocated; CPU: resident set growth over warm-up and steps) and a last line
+with ``speedup=X.XX`` (naive time / shared time; target >= 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from aqa.backbones import shared_prefix as sp
+from aqa.backbones.base import SamplingConfig
+from aqa.backbones.qwen2_audio import Qwen2AudioBackbone, eval_mode, unwrap
+from aqa.config import load_config
+from aqa.data.example import Example
+from aqa.lora import LoraConfig, apply_lora
+from aqa.rl.advantages import group_advantages
+from aqa.rl.loss import grpo_loss
+from aqa.rl.rewards import compute_rewards
+from aqa.tiny import TinyQwen2AudioSpec, build_tiny_qwen2_audio
+
+WORDS = ["dog bark", "siren", "rain", "church bell", "humpback whale", "door knock", "car horn", "thunder"]
+
+
+def make_examples(bb: Qwen2AudioBackbone, n: int, seed: int) -> list[Example]:
+    """``n`` questions with 4 options over 2-5 s noise clips (features extracted up front, as the cache would)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        wave = (rng.standard_normal(int(16000 * rng.uniform(2, 5))) * 0.1).astype(np.float32)
+        choices = list(rng.choice(WORDS, size=4, replace=False))
+        out.append(Example(id=f"q{i}", question="Which sound is heard first in the recording?", choices=choices,
+                           answer_index=int(rng.integers(4)), features=bb.extract_features(wave)))
+    return out
+
+
+class PeakMemory:
+    """Peak memory growth over a block: CUDA allocator peak, or resident set size sampled every 2 ms."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * 4096
+
+    def _watch(self, base: int) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss() - base)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            self._thread = threading.Thread(target=self._watch, args=(self._rss(),), daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def grpo_step(bb: Qwen2AudioBackbone, optimizer: torch.optim.Optimizer, examples: list[Example],
+              prompt: sp.PromptBatch, G: int, sampling: SamplingConfig, naive: bool, seed: int) -> float:
+    """One full GRPO step in either layout; returns the loss. ``prompt`` is encoded once up front for
+    both layouts (tokenizing is not what differs)."""
+    hf = unwrap(bb.model)
+    rules = sp.token_rules(bb.tokenizer, hf)
+    sample = sp.naive_sample if naive else sp.sample
+    logprobs_fn = sp.naive_completion_logprobs if naive else sp.completion_logprobs
+    torch.manual_seed(seed)  # the same samples in both layouts
+    with eval_mode(bb.model):
+        ids, mask = sample(hf, prompt, G, sampling, rules)  # [B, G, T]
+    texts = [bb.tokenizer.batch_decode(g, skip_special_tokens=True) for g in ids.cpu()]
+    rewards, _ = compute_rewards(texts, examples, {"accuracy": 1.0})  # [B, G]
+    adv = group_advantages(rewards, eps=1e-4)
+    with torch.no_grad(), bb.model.disable_adapter():  # the reference: same weights, adapter off
+        ref = logprobs_fn(hf, prompt, ids, mask)
+    loss, _ = grpo_loss(logprobs_fn(hf, prompt, ids, mask), None, ref, adv.values, mask, epsilon=0.2, beta=0.1)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach().item()
+
+
+def run_steps(step: Callable[[int], float], steps: int, device: torch.device) -> tuple[float, int]:
+    """Median seconds per step over ``steps`` steps after one warm-up step (one-off kernel selection is
+    not step time; the median resists other jobs on a shared machine), and peak memory growth (bytes)."""
+    times = []
+    with PeakMemory(device) as mem:
+        step(-1)
+        for i in tqdm(range(steps), desc="steps", leave=False):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step(i)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return float(np.median(times)), mem.peak
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--questions", type=int, default=8, help="B: questions per step (the report's batch)")
+    parser.add_argument("--generations", type=int, default=6, help="G: completions per question")
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per layout (after one warm-up each)")
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads; 1 keeps timings stable on a machine shared with other jobs")
+    parser.add_argument("--layout", choices=["naive", "shared"], help=argparse.SUPPRESS)  # internal: one child
+    parser.add_argument("spec", nargs="*", help="model size overrides, e.g. hidden_size=4096")
+    args = parser.parse_args(argv)
+    spec = load_config(TinyQwen2AudioSpec, None, args.spec)
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+
+    if not args.layout:
+        compare(argv if argv is not None else sys.argv[1:])
+        return
+    model, processor = build_tiny_qwen2_audio(spec, args.seed, device=device, dtype=getattr(torch, args.dtype))
+    bb = Qwen2AudioBackbone(model, processor)
+    apply_lora(bb, LoraConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0))
+    bb.model.train()
+    optimizer = torch.optim.AdamW([p for p in bb.model.parameters() if p.requires_grad], lr=1e-6)
+    examples = make_examples(bb, args.questions, args.seed)
+    sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens)
+    prompt = bb.generate(bb.model, examples, 2, SamplingConfig(max_new_tokens=1)).prompt  # [B, P], audio
+
+    def step(i):
+        return grpo_step(bb, optimizer, examples, prompt, args.generations, sampling, args.layout == "naive",
+                         args.seed + i)
+
+    sec, peak = run_steps(step, args.steps, device)
+    info = (f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {args.device} {args.dtype}; "
+            f"B={args.questions} questions, G={args.generations}, prompt {prompt.input_ids.shape[1]} tokens "
+            f"(audio included), {args.max_new_tokens} new tokens")
+    print(json.dumps({"sec": sec, "peak": peak, "info": info}))
+
+
+def compare(argv: list[str]) -> None:
+    """Run each layout in a child process and print the comparison."""
+    results = {}
+    for layout in ("naive", "shared"):
+        child = subprocess.run([sys.executable, __file__, "--layout", layout, *argv],
+                               check=True, stdout=subprocess.PIPE, text=True)
+        results[layout] = r = json.loads(child.stdout.strip().splitlines()[-1])
+        if layout == "naive":
+            print(r["info"])
+        print(f"{layout:>6}: {r['sec']:8.3f} s/step   peak memory +{r['peak'] / 2**20:8.1f} MiB")
+    speedup = results["naive"]["sec"] / results["shared"]["sec"]
+    mem_ratio = results["naive"]["peak"] / max(results["shared"]["peak"], 1)
+    G = argv[argv.index("--generations") + 1] if "--generations" in argv else 6
+    print(f"grpo_step G={G}: naive/shared peak memory={mem_ratio:.2f}x speedup={speedup:.2f}")
+
+
+if __name__ == "__main__":
+    main()
