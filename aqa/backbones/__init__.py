@@ -1,6 +1,9 @@
 """Backbones behind one protocol (see ``base.py``). Importing this package registers each of them."""
 
-from aqa.backbones import qwen2_audio  # noqa: F401  (registers "qwen2_audio")
+from aqa.backbones import (
+    kimi_audio,  # noqa: F401  (registers "kimi_audio")
+    qwen2_audio,  # noqa: F401  (registers "qwen2_audio")
+)
 from aqa.backbones.base import Backbone, Example, Rollout, SamplingConfig, get_backbone, register
 
 __all__ = ["Backbone", "Example", "Rollout", "SamplingConfig", "get_backbone", "register"]
