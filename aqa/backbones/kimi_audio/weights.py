@@ -84,7 +84,10 @@ def load_into(
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
         with safe_open(str(file), framework="pt", device="cpu") as fh:
+            present = set(fh.keys())
             for name in names:
+                if name not in present:
+                    raise CheckpointError(f"the index puts {name} in {file.name}, which does not hold it.")
                 if drop_re is not None and drop_re.search(name):
                     dropped.append(name)
                     continue
