@@ -54,8 +54,8 @@ def grpo_loss(
     """
     T = logp.shape[-1]
     logp = logp.reshape(-1, T)
-    mask = mask.reshape(-1, T).to(logp.dtype)
-    adv = advantages.reshape(-1, 1).to(logp.dtype)  # [N, 1]
+    mask = mask.reshape(-1, T).to(logp.device, logp.dtype)
+    adv = advantages.reshape(-1, 1).to(logp.device, logp.dtype)  # [N, 1] (rewards are computed on the CPU)
     if adv.shape[0] != logp.shape[0]:
         raise ValueError(f"{adv.shape[0]} advantages for {logp.shape[0]} completions.")
     old = logp.detach() if old_logp is None else old_logp.reshape(-1, T).to(logp.dtype)
