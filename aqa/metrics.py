@@ -71,6 +71,22 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     return float(ece)
 
 
+def reliability_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> dict[str, np.ndarray]:
+    """Per confidence bin (the same equal-width bins as the ECE): count, mean confidence and accuracy.
+
+    ``confidence`` and ``correct`` are ``[N]``; every returned array is ``[bins]`` with NaN in empty bins.
+    """
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    idx = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    count = np.bincount(idx, minlength=bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = np.bincount(idx, weights=confidence, minlength=bins) / count
+        acc = np.bincount(idx, weights=correct, minlength=bins) / count
+    return {"edges": edges, "count": count, "confidence": conf, "accuracy": acc}
+
+
 def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     """Read a predictions JSONL, checking every row has the contract's keys."""
     path = Path(path)
