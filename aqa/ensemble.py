@@ -12,6 +12,7 @@ so the fit is deterministic. ``aqa.ensemble_run`` writes the output files around
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,10 @@ class Aligned:
     @property
     def has_answers(self) -> bool:
         return bool((self.answers >= 0).all())
+
+    def member(self, m: int) -> Aligned:
+        """Member ``m`` alone (``logits [1, N, K]``), e.g. to calibrate it by itself."""
+        return dataclasses.replace(self, members=[self.members[m]], logits=self.logits[m : m + 1])
 
 
 def load_member(path: str) -> list[dict[str, Any]]:

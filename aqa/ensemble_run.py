@@ -2,9 +2,11 @@
 
 Outputs in ``out`` (see DESIGN.md's contracts):
 - ``ensemble.json``: members, ``weights``, ``temperatures``, sources, fit settings, and on dev per member
-  and fused the accuracy, NLL and ECE ``before`` and ``after`` calibration (a member before = T 1, after =
-  its learned T; the fused model before = the uniform average of uncalibrated members, after = the fit),
-  plus the baselines and the plot file names.
+  and fused the accuracy, NLL and ECE ``before`` and ``after`` calibration, plus the baselines and the plot
+  file names. A member before = T 1; after = its own calibration temperature (fitted alone, the same Adam
+  fit with one member); ``in_ensemble`` = at the ensemble's temperature for it, which is usually sharper
+  than its own because averaging probabilities of independent members flattens them. The fused model
+  before = the uniform average of uncalibrated members (the baseline); after = the fit.
 - ``dev.jsonl`` / ``eval.jsonl``: fused predictions (``option_logits`` = log fused probabilities, ``model:
   "ensemble"``); ``metrics.json``: ``{"dev": metrics, "eval": metrics (when eval has answers)}`` in
   inference's metrics shape plus ``nll`` and ``ece``; ``submission.csv`` from eval when eval is given.
@@ -115,8 +117,8 @@ def _plots(out: Path, dev: Aligned, before: np.ndarray, after: np.ndarray, unifo
            dev_metrics: dict[str, Any], losses: list[float], bins: int) -> list[str]:
     """Reliability diagrams (members and fused), per-part bars and the fit curve; returns file names."""
     files = []
-    systems = [(n, before[m], after[m], f"{n} (T={t:.2f})") for m, (n, t) in
-               enumerate(zip(dev.members, dev_metrics["temperatures"]))]
+    systems = [(n, before[m], after[m], f"{n} (T={dev_metrics['members'][n]['calibration_temperature']:.2f})")
+               for m, n in enumerate(dev.members)]
     systems.append((FUSED, uniform, fused, "ensemble (before: uniform average)"))
     for name, lp_before, lp_after, title in systems:
         pred = np.where(dev.mask, lp_after, -np.inf).argmax(-1)  # [N]; a temperature keeps the argmax
@@ -130,7 +132,7 @@ def _plots(out: Path, dev: Aligned, before: np.ndarray, after: np.ndarray, unifo
     per_part["uniform average"] = dev_metrics["fused"]["before"]["per_part"]
     per_part[FUSED] = dev_metrics["fused"]["after"]["per_part"]
     chance = float(np.mean(1.0 / dev.mask.sum(-1)))
-    accuracy_bars(per_part, out / "accuracy_by_part.png", chance=chance)
+    accuracy_bars(per_part, out / "accuracy_by_part.png", chance=chance, muted=("uniform average",))
     fit_curve(losses, out / "fit_curve.png", baseline=dev_metrics["fused"]["before"]["nll"])
     return [*files, "accuracy_by_part.png", "fit_curve.png"]
 
@@ -154,14 +156,18 @@ def run_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
     result = fit(dev, cfg.fit.steps, cfg.fit.lr, cfg.fit.init_temperature)
 
     # -- dev metrics: members before/after their temperature, the uniform average and the fit
-    before, after = member_log_probs(dev), member_log_probs(dev, result.temperatures)  # [M, N, K]
+    own_t = [fit(dev.member(m), cfg.fit.steps, cfg.fit.lr, cfg.fit.init_temperature).temperatures[0]
+             for m in range(len(names))]
+    before, after = member_log_probs(dev), member_log_probs(dev, own_t)  # [M, N, K]
+    inside = member_log_probs(dev, result.temperatures)  # [M, N, K]
     uniform, fused = fused_log_probs(dev), fused_log_probs(dev, result.fusion)  # [N, K]
     bins = cfg.ece_bins
-    members = {n: {"weight": w, "temperature": t, "before": system_metrics(dev, before[m], bins),
-                   "after": system_metrics(dev, after[m], bins)}
-               for m, (n, w, t) in enumerate(zip(names, result.weights, result.temperatures))}
+    members = {n: {"weight": result.weights[m], "temperature": result.temperatures[m],
+                   "calibration_temperature": own_t[m], "before": system_metrics(dev, before[m], bins),
+                   "after": system_metrics(dev, after[m], bins), "in_ensemble": system_metrics(dev, inside[m], bins)}
+               for m, n in enumerate(names)}
     best = max(names, key=lambda n: (members[n]["before"]["accuracy"], -members[n]["before"]["nll"]))
-    dev_metrics = {"n": len(dev.ids), "members": members, "temperatures": result.temperatures,
+    dev_metrics = {"n": len(dev.ids), "members": members,
                    "fused": {"before": system_metrics(dev, uniform, bins), "after": system_metrics(dev, fused, bins)}}
 
     # -- fused predictions and metrics; eval aligned the same way and fused with the dev fit
@@ -179,7 +185,6 @@ def run_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
     write_json(metrics, out / "metrics.json")
 
     plots = _plots(out, dev, before, after, uniform, fused, dev_metrics, result.losses, bins) if cfg.plots else []
-    del dev_metrics["temperatures"]
     summary = {
         "members": names, "weights": result.weights, "temperatures": result.temperatures,
         "sources": {n: {"dev": m.dev, "eval": m.eval} for n, m in zip(names, cfg.members)},
@@ -196,23 +201,22 @@ def run_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    """Members, the two baselines and the fitted ensemble on dev: weight, T, accuracy, NLL and ECE."""
-    head = f"{'system':<34}{'weight':>7}{'T':>7}{'acc %':>8}{'NLL before->after':>20}{'ECE before->after':>20}"
-    lines = [f"dev, {summary['dev']['n']} questions (in-sample: the ensemble is fitted on dev)", head, "-" * len(head)]
-
-    def line(name: str, w: str, t: str, b: dict[str, Any], a: dict[str, Any] | None = None) -> str:
-        a = a or b
-        nll = f"{b['nll']:.3f} -> {a['nll']:.3f}" if a is not b else f"{b['nll']:.3f}"
-        ece = f"{b['ece']:.3f} -> {a['ece']:.3f}" if a is not b else f"{b['ece']:.3f}"
-        return f"{name[:33]:<34}{w:>7}{t:>7}{100 * a['accuracy']:>8.1f}{nll:>20}{ece:>20}"
-
-    for name, m in summary["dev"]["members"].items():
-        lines.append(line(name, f"{m['weight']:.3f}", f"{m['temperature']:.2f}", m["before"], m["after"]))
+    """Members, the two baselines and the fitted ensemble on dev: accuracy, NLL and ECE before -> after
+    calibration (a member's own temperature ``T cal``), and the ensemble's weight and temperature per member."""
     base = summary["baselines"]
-    lines.append(line("baseline: uniform average", "-", "1", base["uniform_average"]))
-    lines.append(line(f"baseline: best single ({base['best_single']['name']})", "1", "1", base["best_single"]))
-    fused = summary["dev"]["fused"]["after"]
-    lines.append(line("ensemble (fitted)", "", "", fused))
+    rows = [(n, f"{m['calibration_temperature']:.2f}", f"{m['weight']:.3f}", f"{m['temperature']:.2f}",
+             m["before"], m["after"]) for n, m in summary["dev"]["members"].items()]
+    rows.append(("baseline: uniform average", "-", "-", "1", base["uniform_average"], None))
+    rows.append((f"baseline: best single ({base['best_single']['name']})", "-", "1", "1", base["best_single"], None))
+    rows.append(("ensemble (fitted)", "-", "-", "-", summary["dev"]["fused"]["after"], None))
+    width = max(len(r[0]) for r in rows) + 2
+    head = (f"{'system':<{width}}{'acc %':>7}{'NLL before->after':>20}{'ECE before->after':>20}{'T cal':>7}"
+            f"{'weight':>8}{'T ens':>7}")
+    lines = [f"dev, {summary['dev']['n']} questions (in-sample: the ensemble is fitted on dev)", head, "-" * len(head)]
+    for name, t_cal, w, t, b, a in rows:
+        nll = f"{b['nll']:.3f} -> {a['nll']:.3f}" if a else f"{b['nll']:.3f}"
+        ece = f"{b['ece']:.3f} -> {a['ece']:.3f}" if a else f"{b['ece']:.3f}"
+        lines.append(f"{name:<{width}}{100 * b['accuracy']:>7.1f}{nll:>20}{ece:>20}{t_cal:>7}{w:>8}{t:>7}")
     return "\n".join(lines)
 
 

@@ -42,10 +42,11 @@ def reliability_diagram(confidence_before: np.ndarray, confidence_after: np.ndar
             top.vlines(centers[filled], stats["accuracy"][filled], stats["confidence"][filled], colors=GAP_COLOR,
                        linewidth=2, label="gap to mean confidence")
         else:
-            top.plot(centers[filled], stats["accuracy"][filled], "o--", color=color, alpha=alpha,
+            top.plot(centers[filled], stats["accuracy"][filled], "o--", color="#555555", alpha=0.8, zorder=3,
                      label=f"before calibration (ECE {ece[label]:.3f})")
-        bottom.bar(centers, stats["count"], width=width * (0.9 if label == "after" else 0.5), color=color,
-                   alpha=alpha, label=label)
+        # Side by side, so the before counts are not hidden behind the after counts.
+        shift = width * (0.22 if label == "after" else -0.22)
+        bottom.bar(centers + shift, stats["count"], width=width * 0.44, color=color, alpha=alpha, label=label)
     top.plot([0, 1], [0, 1], color="black", linewidth=1, linestyle=":", label="perfect calibration")
     top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy in bin", title=title)
     top.legend(loc="upper left", fontsize=8, frameon=False)
@@ -60,23 +61,24 @@ def reliability_diagram(confidence_before: np.ndarray, confidence_after: np.ndar
 
 
 def accuracy_bars(per_part: dict[str, dict[str, float]], path: str | Path, chance: float | None = None,
-                  title: str = "Dev accuracy per part") -> Path:
+                  title: str = "Dev accuracy per part", muted: tuple[str, ...] = ()) -> Path:
     """Grouped bars: one group per part (plus the arithmetic mean), one bar per system.
 
     ``per_part`` maps a system name to ``{part: accuracy in [0, 1]}``; the last system is drawn as the
-    highlighted one (the fused model).
+    highlighted one (the fused model), systems named in ``muted`` (baselines) in gray.
     """
     systems = list(per_part)
     parts = sorted({p for accs in per_part.values() for p in accs})
     groups = [*parts, "arith. mean"]
     values = np.array([[per_part[s].get(p, np.nan) for p in parts] + [np.nanmean([per_part[s].get(p, np.nan)
                        for p in parts])] for s in systems])  # [S, P + 1]
-    fig = Figure(figsize=(max(6.0, 1.3 * len(groups) * max(1, len(systems)) / 2 + 2), 4.2), dpi=120,
+    fig = Figure(figsize=(min(14.0, max(6.0, 2.5 + 0.35 * len(groups) * len(systems))), 4.2), dpi=120,
                  layout="constrained")
     ax = fig.subplots()
     width = 0.8 / len(systems)
     x = np.arange(len(groups))
-    colors = [f"C{i}" for i in range(len(systems) - 1)] + ["#222222"]
+    palette = iter(f"C{i}" for i in range(10 * len(systems)))
+    colors = ["#b0b0b0" if s in muted else next(palette) for s in systems[:-1]] + ["#222222"]
     for i, (name, row) in enumerate(zip(systems, values)):
         bars = ax.bar(x - 0.4 + width * (i + 0.5), 100 * row, width=width * 0.95, color=colors[i], label=name,
                       hatch="//" if i == len(systems) - 1 else None, edgecolor="white")

@@ -222,8 +222,11 @@ def test_cli_flags_end_to_end(tmp_path, member_files, capsys):
     assert info["members"] == ["sharp", "soft", "noise"] and info["fit"]["steps"] == 200
     assert info["weights"][2] < 0.1 and info["temperatures"][0] > 1.0
     for name in info["members"]:
-        assert set(info["dev"]["members"][name]) >= {"before", "after", "weight", "temperature"}
-        assert {"accuracy", "nll", "ece"} <= set(info["dev"]["members"][name]["after"])
+        member = info["dev"]["members"][name]
+        assert set(member) >= {"before", "after", "in_ensemble", "weight", "temperature", "calibration_temperature"}
+        assert {"accuracy", "nll", "ece"} <= set(member["after"])
+        assert member["after"]["nll"] <= member["before"]["nll"] + 1e-9  # its own temperature can only help
+    assert info["dev"]["members"]["sharp"]["calibration_temperature"] > 2  # 3x overconfident by construction
     assert info["dev"]["fused"]["after"]["nll"] < info["dev"]["fused"]["before"]["nll"]
     for plot in info["plots"]:
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
