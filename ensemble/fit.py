@@ -53,4 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError: bad inputs, not bugs
+        raise SystemExit(f"ensemble/fit.py: {err}") from None

@@ -268,3 +268,13 @@ def test_script_with_config_file(tmp_path, member_files):
     bad = subprocess.run([sys.executable, "ensemble/fit.py", "--config", str(path), "--eval", "x.jsonl"], cwd=ROOT,
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert bad.returncode != 0 and "go with --dev" in bad.stderr
+
+
+def test_eval_with_answers_is_scored_and_matches_dev_when_it_is_dev(tmp_path, member_files):
+    """Applying the fit to the dev files themselves must reproduce dev.jsonl and its metrics exactly."""
+    specs = [MemberSpec(dev=d, eval=d, name=n) for n, (d, _) in member_files.items()]
+    run_ensemble(EnsembleConfig(out=str(tmp_path / "ens"), fit=FitConfig(steps=30, lr=LR), members=specs,
+                                plots=False))
+    metrics = json.loads((tmp_path / "ens/metrics.json").read_text())
+    assert metrics["eval"] == {**metrics["dev"], "split": "eval"}
+    assert (tmp_path / "ens/eval.jsonl").read_text() == (tmp_path / "ens/dev.jsonl").read_text()
