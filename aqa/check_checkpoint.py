@@ -27,7 +27,10 @@ Shapes = dict[str, list[int]]
 # backbone name -> "module:function" returning list[PartCheck]
 CHECKERS: dict[str, str] = {
     "kimi_audio": "aqa.backbones.kimi_audio.checkpoint:check_release",
+    "beats": "aqa.sed.check:check_beats",
 }
+# checkers that can take the config from the index itself (its cfg), so --config may be left out
+CONFIG_OPTIONAL = {"beats"}
 
 
 @dataclass
@@ -87,9 +90,9 @@ def get_checker(name: str) -> Callable[[Path, Path], list[PartCheck]]:
     return getattr(importlib.import_module(module), func)
 
 
-def run_check(backbone: str, config: str | Path, index: str | Path) -> tuple[bool, list[str]]:
+def run_check(backbone: str, config: str | Path | None, index: str | Path) -> tuple[bool, list[str]]:
     """Run the backbone's checker; returns (all parts ok, report lines)."""
-    parts = get_checker(backbone)(Path(config), Path(index))
+    parts = get_checker(backbone)(None if config is None else Path(config), Path(index))
     lines = [line for part in parts for line in part.report()]
     ok = all(p.ok for p in parts)
     lines.append("all checks passed" if ok else
@@ -100,12 +103,16 @@ def run_check(backbone: str, config: str | Path, index: str | Path) -> tuple[boo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Compare a backbone's tensor names/shapes with a checkpoint index.")
     parser.add_argument("--backbone", required=True, help=f"one of: {', '.join(sorted(CHECKERS))}")
-    parser.add_argument("--config", required=True, help="the checkpoint's config.json")
+    parser.add_argument("--config", default=None,
+                        help=f"the checkpoint's config.json (optional for {', '.join(sorted(CONFIG_OPTIONAL))})")
     parser.add_argument("--index", required=True,
                         help="names/shapes JSON (as in shared/reference) or a release's model.safetensors.index.json")
     args = parser.parse_args(argv)
+    if args.config is None and args.backbone not in CONFIG_OPTIONAL:
+        print(f"error: --config is required for {args.backbone}", file=sys.stderr)
+        return 2
     for path in (args.config, args.index):
-        if not Path(path).is_file():
+        if path is not None and not Path(path).exists():
             print(f"error: {path} does not exist", file=sys.stderr)
             return 2
     ok, lines = run_check(args.backbone, args.config, args.index)
