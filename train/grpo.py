@@ -1,0 +1,220 @@
+"""GRPO after SFT: sample G answers per question, reward the right ones, push the policy towards them.
+
+    deepspeed train/grpo.py --config configs/qwen2_audio/grpo.yaml [key=value ...]     # GPUs of this node
+    deepspeed --num_gpus 2 train/grpo.py --config configs/demo/qwen2_audio_grpo.yaml   # two CPU ranks
+    python train/grpo.py --config configs/demo/qwen2_audio_grpo.yaml max_steps=4       # one process
+
+The recipe reads top to bottom: setup (processes, the SFT model with a fresh GRPO adapter, data,
+DeepSpeed engine, resume) -> loop over rounds (rollouts with one prefill per question, rewards,
+group advantages, reference log-probs with the adapter off, clipped loss with KL, optimizer steps,
+logging, checkpoints) -> save (final checkpoint and the adapter stacked onto the SFT one). The run
+dir holds config.yaml, ds_config.json, metrics.jsonl, checkpoints/step_N/ and adapter/ (plain PEFT
+on the base model, safetensors).
+
+Shapes: B = batch.per_device questions per rank, G = grpo.num_generations, T completion tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from aqa import checkpoint as ckpt
+from aqa import distributed, grpo, sft
+from aqa.backbones import get_backbone
+from aqa.config import ConfigError, save_config, to_dict
+from aqa.data.cache import build_feature_cache
+from aqa.data.dataset import QADataset, ShardedSampler, collate_examples
+from aqa.data.manifest import load_manifest
+from aqa.grpo_policy import grpo_adapter_config, policy_from_sft, save_stacked_adapter
+from aqa.logging import RunLogger, progress_bar
+from aqa.lora import AdapterError
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="GRPO from an SFT adapter under DeepSpeed ZeRO-2.")
+    parser.add_argument("--config", required=True, help="recipe YAML, e.g. configs/qwen2_audio/grpo.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=10 grpo.beta=0.04")
+    distributed.add_launcher_args(parser)  # the deepspeed launcher appends --local_rank=N
+    return parser.parse_args(argv)
+
+
+def train(cfg: grpo.GRPOConfig) -> dict:
+    # ================================================================ setup
+    # -- processes: rank and device from the launcher's environment; gloo on CPU, nccl on GPU
+    info = distributed.init()
+    distributed.set_cpu_threads(info)
+    sft.seed_everything(cfg.seed)
+    precision = sft.resolve_precision(cfg.precision, info.device)
+    dtype = sft.model_dtype(precision)
+    run_dir = Path(cfg.output_dir)
+    ckpt_root = run_dir / ckpt.CHECKPOINTS
+    resume_dir = ckpt.resolve_resume(cfg.checkpoint.resume, ckpt_root)
+    sft.check_run_dir(run_dir, resume_dir, cfg.checkpoint.resume)
+    G, iters = cfg.grpo.num_generations, cfg.grpo.num_iterations
+
+    # -- model: SFT adapter folded into the weights + a fresh GRPO adapter; the reference is this model
+    #    with the GRPO adapter disabled (no second copy)
+    backbone = get_backbone(cfg.backbone).from_pretrained(cfg.model_path, device=info.device, dtype=dtype,
+                                                          prompt=cfg.prompt)
+    model = policy_from_sft(backbone, cfg.sft_adapter, cfg.lora)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    # -- data: answered train questions, options shuffled per (epoch, question), so per group
+    data_dir = Path(cfg.data_dir)
+    train_m = load_manifest(data_dir / f"{cfg.train_split}.jsonl")
+    sft.require_answers(train_m)
+    dev_m = load_manifest(data_dir / f"{cfg.dev_split}.jsonl") if cfg.dev_split else None
+    cache = build_feature_cache([m for m in (train_m, dev_m) if m is not None],
+                                cfg.cache_dir or run_dir / "feature_cache", backbone.extract_features,
+                                backbone.feature_settings(), rank=info.rank, world_size=info.world_size,
+                                barrier=distributed.barrier, progress=cfg.progress and info.is_main)
+    train_ds = QADataset(train_m, cache, augment=cfg.augment, seed=cfg.seed)
+    dev_ds = QADataset(dev_m, cache) if dev_m is not None else None
+    sampler = ShardedSampler(len(train_ds), rank=info.rank, world_size=info.world_size, shuffle=True,
+                             seed=cfg.seed)
+    loader = sft.train_loader(train_ds, sampler, cfg.batch.per_device, cfg.num_workers, collate_examples)
+    accumulation = cfg.batch.gradient_accumulation
+    rounds = grpo.total_rounds(cfg, sft.micro_batches_per_epoch(sampler, cfg.batch.per_device))
+    total = rounds * iters  # optimizer steps
+    stop_step = min(total, cfg.checkpoint.stop_at_step or total)
+
+    # -- engine: AdamW + warmup/cosine, ZeRO-2; DeepSpeed accumulates `accumulation` micro-batches per step
+    import deepspeed
+
+    ds_config = sft.deepspeed_config(cfg.deepspeed_config, grpo.deepspeed_view(cfg, info.world_size),
+                                     info.world_size, precision)
+    optimizer, scheduler = sft.build_optimizer(model, cfg.optim, total)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    ckpt.install_safe_loading(engine)
+
+    # -- resume: GRPO adapter, optimizer, schedule, sampler position and every RNG (so rollouts) as saved
+    state = ckpt.TrainState(world_size=info.world_size)
+    if resume_dir is not None:
+        state = ckpt.load_checkpoint(engine, resume_dir)
+        ckpt.restore_rng(state.rng)
+    logger = RunLogger(run_dir, enabled=info.is_main, report_to=cfg.logging.report_to, config=to_dict(cfg),
+                       project=cfg.logging.project, run_name=cfg.logging.run_name,
+                       resume_step=state.global_step if resume_dir is not None else None)
+    if info.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n", encoding="utf-8")
+        print(f"grpo: {info.world_size} rank(s) on {info.device.type}, {precision}, {n_train:,} GRPO adapter "
+              f"parameters; {len(train_ds)} questions, {rounds} rounds x {iters} step(s) of {accumulation} x "
+              f"{cfg.batch.per_device} questions x G={G} per rank"
+              + (f"; resumed from {resume_dir.name}" if resume_dir else ""), flush=True)
+
+    def save(step: int) -> Path:
+        state.global_step, state.rng = step, ckpt.capture_rng()
+        adapter_state = ckpt.trainable_state(engine, engine.module)  # collective: fp32 masters from ZeRO
+        tag_dir = ckpt.save_checkpoint(engine, ckpt_root, state, keep_last=cfg.checkpoint.keep_last)
+        if info.is_main:  # the stacked adapter, loadable on the base model like the final one
+            save_stacked_adapter(cfg.sft_adapter, adapter_state, grpo_adapter_config(engine), tag_dir / ckpt.ADAPTER)
+        return tag_dir
+
+    def dev_eval(step: int) -> dict:
+        metrics = sft.evaluate(backbone, engine.module, dev_ds, cfg.eval.batch_size, cfg.eval.limit,
+                               progress=cfg.progress)
+        logger.log(step, metrics, kind="eval")
+        return metrics
+
+    # ================================================================ loop
+    stream = sft.micro_batches(loader, sampler, state)
+    bar = progress_bar(total, initial=state.global_step, enabled=info.is_main and cfg.progress, desc="grpo")
+    logger.attach(bar)
+    window: list[dict] = []  # per-round metrics since the last log line
+    last_saved, last_eval, dev_metrics = state.global_step, None, {}
+    tick = time.perf_counter()
+    while state.global_step < stop_step:
+        # -- rollouts: `accumulation` micro-batches sampled with the current policy, one prefill per
+        #    question (KV cache expanded to G); rewards gathered over ranks -> group advantages [B, G]
+        engine.train()
+        groups = [grpo.sample_group(backbone, engine, next(stream), cfg.grpo) for _ in range(accumulation)]
+        metrics = grpo.rollout_metrics(groups)
+
+        # -- every group on every rank has equal rewards: no signal, so no update (logged, not a crash)
+        if grpo.is_noop_round(groups):
+            metrics.update(noop=1.0, lr=scheduler.get_last_lr()[0])
+        else:
+            # -- reference log-probs [B, G, T] (GRPO adapter off) and, for num_iterations > 1, the
+            #    sampling policy's, both once per round
+            grpo.score_groups(backbone, engine, groups, cfg.grpo)
+            losses, stats = [], []
+            for _ in range(iters):  # each pass over the round is one optimizer step
+                for group in groups:
+                    loss, st = grpo.group_loss(backbone, engine, group, cfg.grpo)  # clipped ratio - beta KL
+                    ids = [e.id for e in group.rollout.examples]
+                    if sft.check_loss(loss, ids, cfg.nonfinite_loss, state.nonfinite_steps, cfg.max_nonfinite,
+                                      state.global_step):
+                        state.nonfinite_steps += 1  # its NaN gradients make DeepSpeed skip the step
+                    else:
+                        losses.append(loss.item())
+                        stats.append(st)
+                    engine.backward(loss)
+                    engine.step()
+            metrics.update(grpo.loss_metrics(losses, stats), noop=0.0, lr=scheduler.get_last_lr()[0],
+                           grad_norm=float(engine.get_global_grad_norm() or 0.0))
+        state.global_step += iters
+        step = state.global_step
+        bar.update(iters)
+        window.append(metrics)
+
+        # -- log: reward mean/std, zero-std groups, KL, clip fraction, completion length (window means)
+        if grpo.crossed(step, iters, cfg.logging.every_steps) or step >= stop_step:
+            keys = {k for m in window for k in m}
+            row = {k: sum(m[k] for m in window if k in m) / sum(1 for m in window if k in m) for k in sorted(keys)}
+            row.update(epoch=state.epoch + state.consumed / sampler.num_samples, nonfinite=state.nonfinite_steps,
+                       rollouts_per_s=len(window) * accumulation * cfg.batch.per_device * G * info.world_size
+                       / max(time.perf_counter() - tick, 1e-9))
+            logger.log(step, row)
+            window, tick = [], time.perf_counter()
+
+        # -- dev accuracy from the option-letter logits, every N steps
+        if dev_ds is not None and grpo.crossed(step, iters, cfg.eval.every_steps):
+            dev_metrics, last_eval = dev_eval(step), step
+
+        # -- checkpoint every N steps (DeepSpeed state + train state + stacked adapter)
+        if grpo.crossed(step, iters, cfg.checkpoint.every_steps):
+            save(step)
+            last_saved = step
+    bar.close()
+
+    # ================================================================ save
+    step = state.global_step
+    if dev_ds is not None and cfg.eval.at_end and step >= total and last_eval != step:
+        dev_metrics = dev_eval(step)
+    if last_saved != step:
+        save(step)
+    adapter_state = ckpt.trainable_state(engine, engine.module)
+    if info.is_main:
+        save_stacked_adapter(cfg.sft_adapter, adapter_state, grpo_adapter_config(engine), run_dir / ckpt.ADAPTER)
+        print(f"grpo: step {step}/{total}; adapter (SFT + GRPO, on the base model) in {run_dir / ckpt.ADAPTER}",
+              flush=True)
+    summary = {"step": step, "total_steps": total, "nonfinite": state.nonfinite_steps,
+               **{f"dev_{k}": v for k, v in dev_metrics.items()}}
+    logger.summary(summary)
+    logger.close()
+    distributed.barrier()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = grpo.load_grpo_config(args.config, args.overrides)
+        train(cfg)
+    except (ConfigError, AdapterError, ckpt.CheckpointError, sft.NonFiniteLoss, FileNotFoundError) as err:
+        if distributed.is_main():
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        distributed.cleanup()
+        return 2 if isinstance(err, ConfigError) else 1
+    distributed.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
