@@ -185,9 +185,13 @@ def install_safe_loading(engine: Any) -> None:
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        weights_only = True
+
         def load(self, path: str, map_location=None):
             return safe_torch_load(path, map_location=map_location)
 
+    if getattr(engine.checkpoint_engine, "weights_only", False):
+        return  # installed already
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
         raise CheckpointError(
             f"the DeepSpeed config selects {type(engine.checkpoint_engine).__name__}; only the plain torch "

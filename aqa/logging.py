@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,7 @@ class RunLogger:
         if resumed and id_file.is_file():
             run_id = id_file.read_text(encoding="utf-8").strip()
         else:
-            run_id = wandb.util.generate_id()
+            run_id = uuid.uuid4().hex[:12]
             id_file.write_text(run_id + "\n", encoding="utf-8")
         return wandb.init(project=project, name=run_name or self.run_dir.name, id=run_id, resume="allow",
                           dir=str(self.run_dir), config=config)
@@ -131,6 +132,20 @@ class RunLogger:
         """One row: ``{"step", "kind", "time", **metrics}`` to the file, a console line, and W&B as ``kind/key``."""
         if not self.enabled:
             return
+        clean = self._write(step, metrics, kind)
+        if self._wandb is not None:
+            numeric = {f"{kind}/{k}": v for k, v in clean.items() if isinstance(v, (int, float))}
+            self._wandb.log(numeric, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        """Final values: a ``kind: summary`` row in the file and the W&B run summary (not its history)."""
+        if not self.enabled:
+            return
+        clean = self._write(int(values.get("step", 0)), {k: v for k, v in values.items() if k != "step"}, "summary")
+        if self._wandb is not None:
+            self._wandb.summary.update(clean)
+
+    def _write(self, step: int, metrics: dict[str, Any], kind: str) -> dict[str, Any]:
         clean = {k: _jsonable(v) for k, v in metrics.items()}
         row = {"step": step, "kind": kind, "time": round(time.time(), 3), **clean}
         with self.path.open("a", encoding="utf-8") as fh:
@@ -141,17 +156,7 @@ class RunLogger:
                 self._bar.write(line)
             else:
                 print(line, flush=True)
-        if self._wandb is not None:
-            numeric = {f"{kind}/{k}": v for k, v in clean.items() if isinstance(v, (int, float))}
-            self._wandb.log(numeric, step=step)
-
-    def summary(self, values: dict[str, Any]) -> None:
-        """Final values (W&B run summary; also a ``kind: summary`` row in the file)."""
-        if not self.enabled:
-            return
-        if self._wandb is not None:
-            self._wandb.summary.update({k: _jsonable(v) for k, v in values.items()})
-        self.log(int(values.get("step", 0)), {k: v for k, v in values.items() if k != "step"}, kind="summary")
+        return clean
 
     def close(self) -> None:
         if self._wandb is not None:

@@ -224,6 +224,23 @@ def deepspeed_config(path: str | Path, cfg: SFTConfig, world_size: int, precisio
     return ds
 
 
+def build_engine(model: nn.Module, cfg: SFTConfig, world_size: int, precision: str, total: int):
+    """The DeepSpeed engine over ``model`` with AdamW and the warmup + cosine schedule.
+
+    Returns ``(engine, scheduler, ds_config)``; the engine reads checkpoints with weights-only loading.
+    """
+    import deepspeed
+
+    from aqa.checkpoint import install_safe_loading
+
+    ds_config = deepspeed_config(cfg.deepspeed_config, cfg, world_size, precision)
+    optimizer, scheduler = build_optimizer(model, cfg.optim, total)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    install_safe_loading(engine)
+    return engine, scheduler, ds_config
+
+
 # -- data ------------------------------------------------------------------------------------------------
 def train_loader(dataset, sampler: ShardedSampler, micro_size: int, num_workers: int, collate_fn) -> DataLoader:
     """Micro-batches in sampler order. The loader gets its own generator: left to itself it draws a seed
@@ -285,6 +302,46 @@ def check_loss(loss: torch.Tensor, ids: list[str], policy: str, seen: int, limit
         raise NonFiniteLoss(f"{seen + 1} micro-batches had a non-finite loss (max_nonfinite={limit}); the last one "
                             f"at step {step + 1} held {bad_ids}. The run has diverged: lower optim.lr.")
     return True
+
+
+# -- one optimizer step --------------------------------------------------------------------------------------
+@dataclass
+class StepStats:
+    loss_sum: float = 0.0  # sum of the finite micro-batch losses on this rank
+    finite: int = 0  # how many micro-batches that is
+    nonfinite: int = 0  # micro-batches whose loss was NaN/inf on some rank (the step was skipped)
+    skipped: bool = False  # DeepSpeed did not apply this step
+
+
+def optimizer_step(engine: Any, backbone: Any, stream: Iterator[list[Example]], accumulation: int,
+                   state: TrainState, policy: str, max_nonfinite: int | None, device: torch.device,
+                   dtype: torch.dtype) -> StepStats:
+    """``accumulation`` micro-batches forward and backward, then DeepSpeed's optimizer step; every rank calls it.
+
+    A micro-batch whose loss is non-finite on any rank is counted in ``state.nonfinite_steps`` (or stops
+    the run, per ``policy``); its NaN gradients make DeepSpeed's overflow check skip the whole step (no
+    weight, optimizer-moment or schedule update), which is verified here rather than trusted.
+    """
+    stats = StepStats()
+    skipped_before = engine.skipped_steps
+    for _ in range(accumulation):
+        examples = next(stream)
+        batch = move_batch(backbone.collate(examples), device, dtype)  # input_ids [B, T], input_features [B, M, F]
+        loss = backbone.loss(engine, batch)  # mean cross-entropy over the answer tokens only
+        if check_loss(loss, [e.id for e in examples], policy, state.nonfinite_steps, max_nonfinite,
+                      engine.global_steps):
+            state.nonfinite_steps += 1
+            stats.nonfinite += 1
+        else:
+            stats.loss_sum += float(loss.item())
+            stats.finite += 1
+        engine.backward(loss)
+        engine.step()  # DeepSpeed applies the update on the last micro-batch of the window
+    stats.skipped = engine.skipped_steps > skipped_before
+    if stats.nonfinite and not stats.skipped:
+        raise RuntimeError("DeepSpeed applied a step with non-finite gradients; enable its overflow check "
+                           "(bf16.check_grad_overflow: true) in the DeepSpeed config.")
+    return stats
 
 
 # -- evaluation --------------------------------------------------------------------------------------------

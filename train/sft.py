@@ -82,13 +82,7 @@ def train(cfg: sft.SFTConfig) -> dict:
     stop_step = min(total, cfg.checkpoint.stop_at_step or total)
 
     # -- engine: AdamW + warmup/cosine from the optim section, ZeRO-2 from the DeepSpeed JSON
-    import deepspeed
-
-    ds_config = sft.deepspeed_config(cfg.deepspeed_config, cfg, info.world_size, precision)
-    optimizer, scheduler = sft.build_optimizer(model, cfg.optim, total)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config)
-    ckpt.install_safe_loading(engine)
+    engine, scheduler, ds_config = sft.build_engine(model, cfg, info.world_size, precision, total)
 
     # -- resume: weights, optimizer, schedule, sampler position and every RNG exactly as saved
     state = ckpt.TrainState(world_size=info.world_size)
@@ -126,24 +120,11 @@ def train(cfg: sft.SFTConfig) -> dict:
     last_saved, last_eval, dev_metrics = state.global_step, None, {}
     tick, last_log = time.perf_counter(), state.global_step
     while engine.global_steps < stop_step:
-        step = engine.global_steps
-        skipped_before, window_bad = engine.skipped_steps, False
-        # -- one optimizer step = `accumulation` micro-batches per rank; DeepSpeed steps on the last one
-        for _ in range(accumulation):
-            examples = next(stream)
-            batch = sft.move_batch(backbone.collate(examples), info.device, dtype)  # input_ids [B, T], ...
-            loss = backbone.loss(engine, batch)  # mean cross-entropy over the answer tokens only
-            if sft.check_loss(loss, [e.id for e in examples], cfg.nonfinite_loss, state.nonfinite_steps,
-                              cfg.max_nonfinite, step):
-                state.nonfinite_steps += 1
-                window_bad = True  # its NaN gradients make DeepSpeed skip this optimizer step
-            else:
-                loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
-            engine.backward(loss)
-            engine.step()
-        if window_bad and engine.skipped_steps == skipped_before:
-            raise RuntimeError("DeepSpeed applied a step with non-finite gradients; enable its overflow check "
-                               "(bf16.check_grad_overflow) in the DeepSpeed config.")
+        # -- one optimizer step: `accumulation` micro-batches per rank, loss on the answer tokens only;
+        #    a NaN/inf loss on any rank is counted and its step skipped (or the run stops, per config)
+        stats = sft.optimizer_step(engine, backbone, stream, accumulation, state, cfg.nonfinite_loss,
+                                   cfg.max_nonfinite, info.device, dtype)
+        loss_sum += torch.tensor([stats.loss_sum, stats.finite], dtype=torch.float64)
         step = engine.global_steps
         bar.update(1)
 
