@@ -13,7 +13,6 @@ from aqa import distributed, sft
 from aqa.checkpoint import TrainState
 from aqa.config import ConfigError
 from aqa.data.dataset import ShardedSampler
-from aqa.data.example import Example
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO2 = ROOT / "configs" / "deepspeed" / "zero2.json"
