@@ -1,0 +1,120 @@
+"""The real recipe: ``deepspeed --num_gpus 2 train/sft.py --config configs/demo/qwen2_audio_sft.yaml ...`` on
+CPU (gloo) over a tiny synthetic data set and a tiny random-init Qwen2-Audio; then a stop at step k and a
+resume to 2k that must give the adapter of the uninterrupted 2k run."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from aqa.distributed import free_port
+from aqa.logging import read_metrics
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "configs/demo/qwen2_audio_sft.yaml"
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+STEPS = 4  # 2k, with k = 2: 4 optimizer steps of 8 questions cross the 24-question epoch once
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from aqa.tiny import write_tiny_qwen2_audio
+    from data_prep.synth import main as synth
+
+    root = tmp_path_factory.mktemp("sft_recipe")
+    model = write_tiny_qwen2_audio(root / "tiny", seed=0)
+    assert synth(["--out", str(root / "data"), "--train", "24", "--dev", "8", "--eval", "4", "--no-progress"]) == 0
+    return {"root": root, "model": model, "data": root / "data"}
+
+
+def launch(assets, out: Path, *extra: str, ranks: int = 2) -> subprocess.CompletedProcess:
+    """The user's command, with the sizes of a test; CPU even where a GPU exists."""
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "train/sft.py",
+           "--config", CONFIG, f"model_path={assets['model']}", f"data_dir={assets['data']}",
+           f"output_dir={out}", f"cache_dir={assets['root'] / 'cache'}", f"max_steps={STEPS}",
+           "batch.global_size=8", "batch.micro_size=2", "optim.warmup_steps=1", "eval.every_steps=2",
+           "eval.limit=8", "checkpoint.every_steps=2", "logging.every_steps=1", "progress=false", *extra]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu",
+           "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def full_run(assets):
+    out = assets["root"] / "full"
+    launch(assets, out)
+    return out
+
+
+def test_recipe_trains_every_lora_tensor_and_writes_the_run_dir(full_run, assets):
+    for name in ("config.yaml", "ds_config.json", "metrics.jsonl", "adapter/adapter_model.safetensors",
+                 "adapter/adapter_config.json", "wandb_id.txt"):
+        assert (full_run / name).is_file(), name
+    ds = json.loads((full_run / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_accumulation_steps"] == 2
+    assert ds["bf16"]["enabled"] is False  # fp32 on CPU, chosen automatically
+    steps = sorted(p.name for p in (full_run / "checkpoints").glob("step_*"))
+    assert steps == ["step_00000002", "step_00000004"]
+    for rank in range(2):
+        assert (full_run / "checkpoints" / "step_00000004" / f"train_state_rank{rank}.json").is_file()
+
+    train = read_metrics(full_run / "metrics.jsonl", kind="train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert all(isinstance(r["loss"], float) and math.isfinite(r["loss"]) for r in train)
+    assert all(r["nonfinite"] == 0 and r["skipped_steps"] == 0 for r in train)
+    evals = read_metrics(full_run / "metrics.jsonl", kind="eval")
+    assert [r["step"] for r in evals] == [2, 4] and all(r["n"] == 8 for r in evals)
+
+    final = load_file(full_run / "adapter" / "adapter_model.safetensors")
+    mid = load_file(full_run / "checkpoints" / "step_00000002" / "adapter" / "adapter_model.safetensors")
+    assert final and set(final) == set(mid)
+    assert all(".lora_A." in k or ".lora_B." in k for k in final)
+    assert all("language_model" in k for k in final)  # the audio tower stays frozen
+    for key, value in final.items():
+        assert torch.isfinite(value).all(), key
+        assert not torch.equal(value, mid[key]), f"{key} did not change between steps 2 and 4"
+        if ".lora_B." in key:  # LoRA B starts at exactly zero
+            assert value.abs().sum() > 0, f"{key} never left its zero init"
+
+
+def test_adapter_loads_with_plain_peft(full_run, assets):
+    from peft import PeftModel
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    base = Qwen2AudioForConditionalGeneration.from_pretrained(assets["model"])
+    model = PeftModel.from_pretrained(base, str(full_run / "adapter"))
+    saved = load_file(full_run / "adapter" / "adapter_model.safetensors")
+    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(saved)
+    for name, tensor in saved.items():
+        target = name.replace(".weight", ".default.weight")
+        assert torch.equal(loaded[target].detach(), tensor), name
+
+
+def test_stop_then_resume_equals_the_uninterrupted_run(full_run, assets):
+    out = assets["root"] / "resumed"
+    first = launch(assets, out, f"checkpoint.stop_at_step={STEPS // 2}")
+    assert "step 2/4" in first.stdout
+    assert not (out / "checkpoints" / "step_00000004").exists()
+    second = launch(assets, out)  # checkpoint.resume is auto in the config
+    assert "resumed from step_00000002" in second.stdout
+
+    resumed = load_file(out / "adapter" / "adapter_model.safetensors")
+    uninterrupted = load_file(full_run / "adapter" / "adapter_model.safetensors")
+    assert set(resumed) == set(uninterrupted)
+    for key in uninterrupted:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], atol=1e-6, rtol=0)
+    train = read_metrics(out / "metrics.jsonl", kind="train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4]  # each step once across the two invocations
+    full = read_metrics(full_run / "metrics.jsonl", kind="train")
+    assert [r["loss"] for r in train] == pytest.approx([r["loss"] for r in full], abs=1e-6)
