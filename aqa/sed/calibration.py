@@ -132,7 +132,7 @@ class Calibration:
 
     def mean_cllr(self) -> tuple[float | None, float | None]:
         """Mean Cllr before and after over the calibrated classes."""
-        done = [c for c in self.classes if c.calibrated]
+        done = [c for c in self.classes if c.calibrated and c.cllr_before is not None and c.cllr_after is not None]
         if not done:
             return None, None
         return (float(np.mean([c.cllr_before for c in done])), float(np.mean([c.cllr_after for c in done])))
