@@ -46,12 +46,13 @@ from aqa.tiny import TinyQwen2AudioSpec, build_tiny_qwen2_audio
 WORDS = ["dog bark", "siren", "rain", "church bell", "humpback whale", "door knock", "car horn", "thunder"]
 
 
-def make_examples(bb: Qwen2AudioBackbone, n: int, seed: int) -> list[Example]:
-    """``n`` questions with 4 options over 2-5 s noise clips (features extracted up front, as the cache would)."""
+def make_examples(bb: Qwen2AudioBackbone, n: int, seed: int, seconds: tuple[float, float]) -> list[Example]:
+    """``n`` questions with 4 options over noise clips of ``seconds`` (min, max) length (features extracted up
+    front, as the cache would). Qwen2-Audio gives 25 audio tokens per second of clip."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        wave = (rng.standard_normal(int(16000 * rng.uniform(2, 5))) * 0.1).astype(np.float32)
+        wave = (rng.standard_normal(int(16000 * rng.uniform(*seconds))) * 0.1).astype(np.float32)
         choices = list(rng.choice(WORDS, size=4, replace=False))
         out.append(Example(id=f"q{i}", question="Which sound is heard first in the recording?", choices=choices,
                            answer_index=int(rng.integers(4)), features=bb.extract_features(wave)))
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generations", type=int, default=6, help="G: completions per question")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per layout (after one warm-up each)")
+    parser.add_argument("--clip-seconds", type=float, nargs=2, default=[2.0, 5.0], metavar=("MIN", "MAX"),
+                        help="clip lengths (the tiny model's window is 5 s; DCASE clips run to 30 s)")
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     apply_lora(bb, LoraConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0))
     bb.model.train()
     optimizer = torch.optim.AdamW([p for p in bb.model.parameters() if p.requires_grad], lr=1e-6)
-    examples = make_examples(bb, args.questions, args.seed)
+    examples = make_examples(bb, args.questions, args.seed, tuple(args.clip_seconds))
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens)
     prompt = bb.generate(bb.model, examples, 2, SamplingConfig(max_new_tokens=1)).prompt  # [B, P], audio
 
