@@ -34,6 +34,9 @@ class LoraConfig:
     dropout: float = 0.05
     targets: list[str] | None = None  # e.g. [q_proj, v_proj]; None: every LM linear layer
     include_audio: bool = False  # also adapt the audio tower and projector
+    # Modules trained in full and saved inside the adapter (peft's modules_to_save), by module name, e.g.
+    # [audio_tower, multi_modal_projector]. For a random-init tiny model whose audio side has learned nothing yet.
+    modules_to_save: list[str] | None = None
 
 
 def _base_module(backbone_or_model: Backbone | nn.Module) -> nn.Module:
@@ -55,7 +58,7 @@ def apply_lora(backbone: Backbone, cfg: LoraConfig) -> nn.Module:
         raise ValueError(f"lora.r must be >= 1, got {cfg.r}.")
     targets = backbone.lora_target_modules(include_audio=cfg.include_audio, names=cfg.targets)
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                              bias="none")
+                              bias="none", modules_to_save=cfg.modules_to_save or None)
     backbone.model = get_peft_model(backbone.model, peft_cfg)
     return backbone.model
 
