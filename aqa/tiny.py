@@ -7,8 +7,9 @@ Qwen2-Audio-7B-Instruct. Only its sizes differ, and (for CPU speed) its audio wi
 front end pads every clip to ``chunk_seconds``, and the encoder's ``max_source_positions`` is set to
 match (7B: 30 s -> 3000 mel frames -> 1500 positions).
 
-Usage: ``python -m aqa.tiny qwen2_audio --out DIR [--seed N] [key=value ...]`` (keys of
-:class:`TinyQwen2AudioSpec`).
+Usage: ``python -m aqa.tiny qwen2_audio|kimi_audio --out DIR [--seed N] [key=value ...]`` (keys of
+:class:`TinyQwen2AudioSpec`, or of ``aqa.backbones.kimi_audio.tiny.TinyKimiAudioSpec``, whose writer lays
+out the Kimi-Audio release).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from aqa.backbones.kimi_audio.tiny import TinyKimiAudioSpec, write_tiny_kimi_audio
 
 # The real Qwen2-Audio special tokens, in the order the real vocabulary appends them after its BPE
 # vocabulary (151643..151648), so ids relate to each other as they do in the 7B checkpoint.
@@ -253,7 +256,10 @@ def write_tiny_qwen2_audio(out_dir: str | Path, seed: int = 0, spec: TinyQwen2Au
     return out
 
 
-WRITERS = {"qwen2_audio": (TinyQwen2AudioSpec, write_tiny_qwen2_audio)}
+WRITERS = {
+    "qwen2_audio": (TinyQwen2AudioSpec, write_tiny_qwen2_audio),
+    "kimi_audio": (TinyKimiAudioSpec, write_tiny_kimi_audio),  # the release layout, in its backbone's folder
+}
 
 
 def main(argv: list[str] | None = None) -> None:
