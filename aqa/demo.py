@@ -3,24 +3,45 @@
 Every stage runs as a subprocess with exactly the command a user would type (``deepspeed train/sft.py
 ...``), so the demo exercises the real launchers and scripts, not a shortcut through the library.
 The report (``report.json`` / ``report.md``) is assembled from the files the stages write.
+
+Order: synthetic data -> tiny models -> per member: SFT (2 CPU ranks) -> GRPO -> inference on dev and
+eval -> the learnable ensemble -> the report.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aqa.data.summary import summarize
-from aqa.report import load_report, save_report
+from aqa.metrics import chance_level, read_predictions
+from aqa.report import load_report, save_report, upsert_member
+
+DEMO_CONFIGS = Path("configs/demo")
 
 
 class StageFailed(RuntimeError):
     pass
+
+
+@dataclass
+class Member:
+    """One trained system of the demo: the stages that make it and where its predictions land."""
+
+    name: str
+    backbone: str
+    stage: str  # "sft" or "grpo": the last training stage
+    run_dir: str  # runs/demo/<name>: adapter/ and infer/{dev,eval}/
+    infer_config: str
+    train: list[tuple[str, list[str]]] = field(default_factory=list)  # (title, command)
+    infer_overrides: list[str] = field(default_factory=list)
 
 
 def run_stage(title: str, cmd: list[str], log_dir: Path) -> float:
@@ -28,15 +49,24 @@ def run_stage(title: str, cmd: list[str], log_dir: Path) -> float:
     print(f"\n=== {title}\n$ {shlex.join(cmd)}", flush=True)
     log_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    log_path = log_dir / f"{title.replace(' ', '_')}.log"
+    log_path = log_dir / f"{title.replace(' ', '_').replace('/', '_')}.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("w", encoding="utf-8") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         assert proc.stdout is not None
+        last_bar = 0.0
         for line in proc.stdout:
             log.write(line)
-            # tqdm redraws with carriage returns: keep the console readable by showing the last state only.
-            sys.stdout.write(line.rsplit("\r", 1)[-1])
+            # tqdm redraws with carriage returns (or a line per update into a pipe): show log lines as they
+            # come, and a progress bar's state at most every 15 s, so the console stays readable.
+            shown = line.rsplit("\r", 1)[-1]
+            is_bar = "\r" in line or "it/s]" in shown or "s/it]" in shown or "/s]" in shown
+            if is_bar and time.time() - last_bar < 15:
+                continue
+            if is_bar:
+                last_bar = time.time()
+            if shown.strip():
+                sys.stdout.write(shown if shown.endswith("\n") else shown + "\n")
         rc = proc.wait()
     dt = time.time() - t0
     if rc != 0:
@@ -45,35 +75,111 @@ def run_stage(title: str, cmd: list[str], log_dir: Path) -> float:
     return dt
 
 
+def build_members(py: str, ds: list[str]) -> list[Member]:
+    """The demo's members, each a chain of the users' commands with the demo configs."""
+    cfg = DEMO_CONFIGS
+    qwen = Member(
+        "qwen2_audio_sft", "qwen2_audio", "sft", "runs/demo/qwen2_audio_sft", str(cfg / "qwen2_audio_infer.yaml"),
+        train=[("qwen2_audio SFT", [*ds, "train/sft.py", "--config", str(cfg / "qwen2_audio_sft.yaml")])],
+    )
+    qwen_grpo = Member(
+        "qwen2_audio_grpo", "qwen2_audio", "grpo", "runs/demo/qwen2_audio_grpo", str(cfg / "qwen2_audio_infer.yaml"),
+        train=[("qwen2_audio GRPO", [*ds, "train/grpo.py", "--config", str(cfg / "qwen2_audio_grpo.yaml")])],
+        infer_overrides=["adapter=runs/demo/qwen2_audio_grpo/adapter", "output_dir=runs/demo/qwen2_audio_grpo/infer",
+                         "model_name=qwen2_audio_grpo"],
+    )
+    members = [qwen, qwen_grpo]
+    if (cfg / "kimi_audio_sft.yaml").is_file():
+        members.append(Member(
+            "kimi_audio_sft", "kimi_audio", "sft", "runs/demo/kimi_audio_sft", str(cfg / "kimi_audio_infer.yaml"),
+            train=[("kimi_audio SFT", [*ds, "train/sft.py", "--config", str(cfg / "kimi_audio_sft.yaml")])],
+        ))
+    return members
+
+
+def tiny_models(py: str, members: list[Member], seed: int) -> list[tuple[str, list[str]]]:
+    """One ``python -m aqa.tiny`` per backbone the members use (text backbones included)."""
+    backbones = sorted({m.backbone for m in members})
+    return [(f"tiny {b}", [py, "-m", "aqa.tiny", b, "--out", f"runs/demo/models/{b}", "--seed", str(seed)])
+            for b in backbones]
+
+
+def member_entry(m: Member) -> dict:
+    """The member's ``report.json`` entry from the files its inference wrote."""
+    infer = Path(m.run_dir) / "infer"
+    dev_pred = infer / "dev" / "predictions.jsonl"
+    metrics = json.loads((infer / "dev" / "metrics.json").read_text(encoding="utf-8"))
+    return {
+        "name": m.name, "backbone": m.backbone, "stage": m.stage, "adapter": str(Path(m.run_dir) / "adapter"),
+        "predictions": {"dev": str(dev_pred), "eval": str(infer / "eval" / "predictions.jsonl")},
+        "metrics": {"dev": metrics}, "chance": {"dev": chance_level(read_predictions(dev_pred))},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="runs/demo", help="run directory for models, runs and the report")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/demo", help="the run directory the demo configs write to")
     parser.add_argument("--data", default="data/demo", help="where the synthetic data set is written")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-ranks", type=int, default=2, help="deepspeed --num_gpus (CPU ranks over gloo here)")
+    parser.add_argument("--only", nargs="+", help="run only these members (names), e.g. qwen2_audio_sft")
     args = parser.parse_args(argv)
+    if Path(args.out) != Path("runs/demo") or Path(args.data) != Path("data/demo"):
+        print("note: the demo configs read data/demo and write runs/demo; --out/--data only move the report "
+              "and the data summary.", file=sys.stderr)
 
     t0 = time.time()
     out, data = Path(args.out), Path(args.data)
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
     py = sys.executable
+    ds = [str(Path(py).parent / "deepspeed"), "--num_gpus", str(args.num_ranks)]
+    members = build_members(py, ds)
+    if args.only:
+        members = [m for m in members if m.name in args.only]
     timings: dict[str, float] = {}
+    report = load_report(out / "report.json")
+    report["members"] = []
+
+    def stage(title: str, cmd: list[str]) -> None:
+        timings[title] = run_stage(title, cmd, logs)
 
     try:
         # -- data: the embedded default, written in the DCASE layout and converted by data_prep.dcase
-        timings["data"] = run_stage("synthetic data", [py, "-m", "data_prep.synth", "--out", str(data),
-                                                       "--seed", str(args.seed)], logs)
+        stage("synthetic data", [py, "-m", "data_prep.synth", "--out", str(data), "--seed", str(args.seed)])
+        report["data_summary"] = summarize(data)
+        # -- tiny random-init backbones, written as HF directories and loaded like a 7B checkpoint
+        for title, cmd in tiny_models(py, members, args.seed):
+            stage(title, cmd)
+        # -- per member: train, then score dev and eval
+        for m in members:
+            for title, cmd in m.train:
+                stage(title, cmd)
+            for split in ("dev", "eval"):
+                stage(f"{m.name} inference {split}", [py, "inference/run.py", "--config", m.infer_config,
+                                                      "--split", split, *m.infer_overrides])
+            upsert_member(report, member_entry(m))
+            save_report(report, out)
+        # -- the learnable ensemble over the members' dev predictions, applied to eval
+        if len(members) >= 2:
+            names = [m.name for m in members]
+            dev = [str(Path(m.run_dir) / "infer/dev/predictions.jsonl") for m in members]
+            ev = [str(Path(m.run_dir) / "infer/eval/predictions.jsonl") for m in members]
+            stage("ensemble", [py, "ensemble/fit.py", "--config", "configs/ensemble.yaml", "--dev", *dev,
+                               "--eval", *ev, "--names", *names, "--out", str(out / "ensemble")])
+            from aqa.ensemble_run import report_entry
+
+            report["ensemble"] = report_entry(out / "ensemble", relative_to=out)
     except StageFailed as err:
         print(f"\ndemo failed: {err}", file=sys.stderr)
         return 1
+    finally:
+        report["timings_s"] = timings
+        report["wall_s"] = time.time() - t0
+        save_report(report, out)
 
-    report = load_report(out / "report.json")
-    report.setdefault("members", [])
-    report["data_summary"] = summarize(data)
-    report["timings_s"] = timings
-    report["wall_s"] = time.time() - t0
-    save_report(report, out)
-    print(f"\nreport: {out / 'report.md'} and {out / 'report.json'} ({report['wall_s']:.0f} s)")
+    print("\n" + (out / "report.md").read_text(encoding="utf-8"))
+    print(f"report: {out / 'report.md'} and {out / 'report.json'} ({report['wall_s']:.0f} s)")
     return 0
 
 
