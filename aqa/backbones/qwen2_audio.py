@@ -4,16 +4,16 @@
 A prompt is the checkpoint's own chat template: the default system turn, a user turn holding the
 audio (``Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>``) and the question with lettered options, and
 the assistant turn. ``<|AUDIO|>`` is expanded to one token per encoder frame, as the processor does.
+This file holds the audio side; collate, option logits, generation and GRPO log-probs are
+:class:`~aqa.backbones.chat_lm.ChatLMBackbone`'s, shared with the text LLM.
 
 Shapes: B questions, R = sum of orders over questions, T tokens, F mel frames, V vocabulary.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,37 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from aqa.backbones import shared_prefix
-from aqa.backbones.base import Backbone, Rollout, register
+from aqa.backbones.base import register
+from aqa.backbones.chat_lm import ChatLMBackbone, eval_mode, unwrap
 from aqa.data.example import Example
-from aqa.data.prompts import PromptConfig, render_question, render_target
-from aqa.scoring import answer_lead, gather_letter_logits, letter_token_ids, to_canonical
+from aqa.data.prompts import PromptConfig, render_question
 
-IGNORE_INDEX = -100
 LM_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 AUDIO_LINEAR = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain HF model under PEFT / DeepSpeed / DDP wrappers (LoRA layers stay injected in it)."""
-    while True:
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
-        else:
-            return model
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Scoring runs without dropout (LoRA's included), then the caller's train/eval mode is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
+__all__ = ["Qwen2AudioBackbone", "audio_token_count", "eval_mode", "unwrap"]  # unwrap/eval_mode: from chat_lm
 
 
 def audio_token_count(feature_length: int) -> int:
@@ -59,27 +36,8 @@ def audio_token_count(feature_length: int) -> int:
     return ((feature_length - 1) // 2 + 1 - 2) // 2 + 1
 
 
-def _right_pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ragged id lists -> ids ``[R, T]`` padded on the right with ``value``, and mask ``[R, T]``."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
-
-
-def _common_prefix_len(rows: list[list[int]]) -> int:
-    n = min(len(r) for r in rows)
-    for i in range(n):
-        if any(r[i] != rows[0][i] for r in rows[1:]):
-            return i
-    return n
-
-
 @register
-class Qwen2AudioBackbone(Backbone):
+class Qwen2AudioBackbone(ChatLMBackbone):
     name = "qwen2_audio"
     spec_augment_key = "input_features"
 
@@ -92,7 +50,7 @@ class Qwen2AudioBackbone(Backbone):
         self.audio_token_id = model.config.audio_token_index
         self.pad_id = self.tokenizer.pad_token_id
         self.im_end_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self._letter_ids: torch.Tensor | None = None  # computed on first scoring call
+        self._init_chat_state()
         self._frame: tuple[str, str] | None = None  # chat template around the user text
 
     # -- loading -------------------------------------------------------------------------------
@@ -160,9 +118,6 @@ class Qwen2AudioBackbone(Backbone):
         }
 
     # -- prompts -------------------------------------------------------------------------------
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     def _chat_frame(self) -> tuple[str, str]:
         """The chat template rendered once around a placeholder user text: ``(head, tail)``.
 
@@ -221,161 +176,12 @@ class Qwen2AudioBackbone(Backbone):
             masks.append(mask)
         return {"input_features": torch.stack(mels), "feature_attention_mask": torch.stack(masks)}
 
-    def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        """Prompt + target + ``<|im_end|>``, right-padded; labels only on the target and ``<|im_end|>``.
+    # -- the chat_lm hooks: audio placeholders expanded per frame, the log-mel fed on the prefill ----------
+    def _prompt_ids(self, ids: list[int], ex: Example) -> list[int]:
+        return self._expand_audio(ids, ex)
 
-        Returns input_ids / attention_mask / labels ``[B, T]``, input_features ``[B, n_mels, F]``,
-        feature_attention_mask ``[B, F]``.
-        """
-        rows, labels = [], []
-        for ex in examples:
-            if ex.answer_index is None:
-                raise ValueError(f"example {ex.id} has no answer: only answered examples can be collated for SFT.")
-            prompt = self._chat_prefix(ex, ex.choices)
-            target = render_target(ex.choices, ex.answer_index, self.prompt)
-            prompt_ids = self._encode(prompt)
-            full_ids = self._encode(prompt + target + "<|im_end|>")
-            if full_ids[: len(prompt_ids)] != prompt_ids:
-                raise ValueError(f"target {target!r} merges with the assistant start in tokenization; change "
-                                 "prompt.target_format so the answer starts a new token.")
-            ids = self._expand_audio(full_ids, ex)
-            n_target = len(full_ids) - len(prompt_ids)
-            rows.append(ids)
-            labels.append([IGNORE_INDEX] * (len(ids) - n_target) + ids[len(ids) - n_target :])
-        input_ids, attention_mask = _right_pad(rows, self.pad_id)
-        label_ids, _ = _right_pad(labels, IGNORE_INDEX)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids,
-                **self._audio_batch(examples)}
+    def _batch_inputs(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        return self._audio_batch(examples)
 
-    # -- option logits -------------------------------------------------------------------------
-    def letter_ids(self) -> torch.Tensor:
-        """``[26]`` token ids of ``A..Z`` right after the assistant start and the target's lead."""
-        if self._letter_ids is None:
-            start = self._encode_assistant_start()
-            self._letter_ids = torch.tensor(letter_token_ids(self._encode, start))
-        return self._letter_ids
-
-    def _encode_assistant_start(self) -> str:
-        return "<|im_start|>assistant\n" + answer_lead(self.prompt)
-
-    def _scoring_ids(self, examples: list[Example], orders: list[list[list[int]]]) -> list[list[list[int]]]:
-        """Prompt ids per question and order, ending at the answer position (audio expanded)."""
-        lead = answer_lead(self.prompt)
-        texts = [self._chat_prefix(ex, [ex.choices[j] for j in order]) + lead
-                 for ex, ords in zip(examples, orders) for order in ords]
-        flat = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"])  # one batched call
-        return [[self._expand_audio(next(flat), ex) for _ in ords] for ex, ords in zip(examples, orders)]
-
-    @torch.no_grad()
-    def option_logits(self, model, examples, orders=None, share_prefix: bool = True) -> list[torch.Tensor]:
-        """Letter logits per order, returned in canonical order: a ``[K_b, N_b]`` tensor per question.
-
-        With ``share_prefix`` the tokens common to a question's K prompts (system, audio, question) run
-        once, and the K option suffixes run from that KV cache; otherwise every order runs in full.
-        """
-        hf = unwrap(model)
-        device = next(hf.parameters()).device
-        orders = orders or [[list(range(len(ex.choices)))] for ex in examples]
-        prompts = self._scoring_ids(examples, orders)
-        with eval_mode(model):
-            if share_prefix and any(len(o) > 1 for o in orders):
-                presented = self._shared_prefix_logits(hf, examples, prompts, device)
-            else:
-                presented = self._full_logits(hf, examples, prompts, device)
-        out, r = [], 0
-        for ex, ords in zip(examples, orders):
-            block = presented[r : r + len(ords), : len(ex.choices)]  # [K, N] in presented slots
-            out.append(to_canonical(block, ords).cpu())
-            r += len(ords)
-        return out
-
-    def _read_letters(self, hf, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Hidden states ``[R, T, H]`` -> letter logits ``[R, 26]`` at ``positions`` (the LM head runs on R rows only)."""
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        logits = hf.lm_head(hidden[rows, positions.to(hidden.device)])[:, None, :]  # [R, 1, V]
-        return gather_letter_logits(logits, torch.zeros_like(positions), self.letter_ids())
-
-    def _full_logits(self, hf, examples, prompts, device) -> torch.Tensor:
-        """Every order in full: R rows, each with its audio. Returns ``[R, 26]``."""
-        flat = [ids for rows in prompts for ids in rows]
-        repeat = torch.tensor([len(rows) for rows in prompts])
-        input_ids, mask = _right_pad(flat, self.pad_id)
-        audio = {k: v.repeat_interleave(repeat, dim=0).to(device) for k, v in self._audio_batch(examples).items()}
-        audio["input_features"] = audio["input_features"].to(hf.dtype)
-        out = hf.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False, **audio)
-        return self._read_letters(hf, out.last_hidden_state, mask.sum(1) - 1)
-
-    def _shared_prefix_logits(self, hf, examples, prompts, device) -> torch.Tensor:
-        """Prefix once per question, K suffixes from its KV cache. Returns ``[R, 26]``."""
-        split = [min(_common_prefix_len(rows), min(len(r) for r in rows) - 1) for rows in prompts]
-        prefixes = [rows[0][:s] for rows, s in zip(prompts, split)]
-        suffixes = [r[s:] for rows, s in zip(prompts, split) for r in rows]
-        if any(self.audio_token_id in s for s in suffixes):
-            raise ValueError("audio tokens differ between option orders; the audio must precede the options.")
-        # 1) prefixes [B, P], right-padded: pad rows still see real tokens before them, so no query row is
-        #    fully masked (which would put NaN into the cache).
-        p_ids, p_mask = _right_pad(prefixes, self.pad_id)
-        audio = {k: v.to(device) for k, v in self._audio_batch(examples).items()}
-        audio["input_features"] = audio["input_features"].to(hf.dtype)
-        out = hf.model(input_ids=p_ids.to(device), attention_mask=p_mask.to(device), use_cache=True, **audio)
-        cache = out.past_key_values
-        # 2) expand the cache to one row per order: [B, ...] -> [R, ...]
-        repeat = torch.tensor([len(rows) for rows in prompts])
-        index = torch.repeat_interleave(torch.arange(len(prompts)), repeat)
-        cache.reorder_cache(index.to(device))
-        # 3) suffixes [R, S], positions continue from each question's own prefix length
-        s_ids, s_mask = _right_pad(suffixes, self.pad_id)
-        start = torch.tensor(split)[index]  # [R]
-        positions = start[:, None] + torch.arange(s_ids.shape[1])[None, :]  # [R, S]
-        full_mask = torch.cat([p_mask[index], s_mask], dim=1)  # [R, P + S]
-        out = hf.model(
-            input_ids=s_ids.to(device), attention_mask=full_mask.to(device), position_ids=positions.to(device),
-            past_key_values=cache, use_cache=True,
-        )
-        return self._read_letters(hf, out.last_hidden_state, s_mask.sum(1) - 1)
-
-    # -- generation (generate-mode inference) --------------------------------------------------
-    @torch.no_grad()
-    def generate_answers(self, model, examples, max_new_tokens) -> list[str]:
-        """Greedy completions of the plain prompts (no lead), left-padded as HF generation expects."""
-        hf = unwrap(model)
-        device = next(hf.parameters()).device
-        rows = [self._expand_audio(self._encode(self._chat_prefix(ex, ex.choices)), ex) for ex in examples]
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for i, r in enumerate(rows):
-            input_ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
-        audio = {k: v.to(device) for k, v in self._audio_batch(examples).items()}
-        audio["input_features"] = audio["input_features"].to(hf.dtype)
-        with eval_mode(model):
-            out = hf.generate(
-                input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                do_sample=False, pad_token_id=self.pad_id, **audio,
-            )
-        return self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-
-    # -- GRPO rollouts (shared prefix: aqa/backbones/shared_prefix.py) ----------------------------
-    def generate(self, model, examples, num_samples, sampling) -> Rollout:
-        """G completions per question: audio and prompt prefilled once per question, the KV cache expanded
-        to G, special and media tokens never sampled. ``Rollout.prompt`` is a ``PromptBatch``."""
-        hf = unwrap(model)
-        device = next(hf.parameters()).device
-        rows = [self._expand_audio(self._encode(self._chat_prefix(ex, ex.choices)), ex) for ex in examples]
-        input_ids, mask = shared_prefix.left_pad(rows, self.pad_id)
-        audio = self._audio_batch(examples)
-        audio["input_features"] = audio["input_features"].to(hf.dtype)
-        prompt = shared_prefix.PromptBatch(input_ids.to(device), mask.to(device),
-                                           {k: v.to(device) for k, v in audio.items()}, sampling.temperature)
-        rules = shared_prefix.token_rules(self.tokenizer, hf)
-        with eval_mode(model):
-            ids, cmask = shared_prefix.sample(hf, prompt, num_samples, sampling, rules)
-        texts = [self.tokenizer.batch_decode(group, skip_special_tokens=True) for group in ids.cpu()]
-        return Rollout(examples=examples, prompt=prompt, completion_ids=ids, completion_mask=cmask, texts=texts)
-
-    def completion_logprobs(self, model, rollout: Rollout) -> torch.Tensor:
-        """Per-token log-probs ``[B, G, T]`` of ``rollout``'s completions under ``model`` (with grad when
-        enabled), the prompt run once per question; see ``shared_prefix.completion_logprobs``."""
-        return shared_prefix.completion_logprobs(unwrap(model), rollout.prompt, rollout.completion_ids,
-                                                 rollout.completion_mask)
+    def _prefix_only_ids(self) -> set[int]:
+        return {self.audio_token_id}
