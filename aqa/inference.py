@@ -102,7 +102,9 @@ class FeatureSource:
         self.manifest = manifest
         self._memo: dict[Path, dict[str, Any]] = {}
         self.cache = None
-        if cache_dir and records:
+        # empty feature settings: a backbone that reads no audio (text LLM over events); no clip is decoded
+        self.reads_audio = bool(backbone.feature_settings())
+        if cache_dir and records and self.reads_audio:
             from aqa.data.cache import FeatureCache
 
             self.cache = FeatureCache(cache_dir, backbone.feature_settings())
@@ -110,6 +112,8 @@ class FeatureSource:
             self.cache.ensure(paths, backbone.extract_features, progress=progress)
 
     def __call__(self, record: Record) -> dict[str, Any]:
+        if not self.reads_audio:
+            return {}
         path = self.manifest.audio_path(record)
         if self.cache is not None:
             return self.cache.get(path)

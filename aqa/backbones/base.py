@@ -74,7 +74,10 @@ class Backbone(ABC):
 
     # -- features ------------------------------------------------------------------------------
     def feature_settings(self) -> dict[str, Any]:
-        """Extractor settings; part of the feature-cache key, so a change recomputes the cache."""
+        """Extractor settings; part of the feature-cache key, so a change recomputes the cache.
+
+        Empty (the default) means the backbone reads no audio: the scripts then decode no clip and every
+        ``Example.features`` stays ``{}``. An audio backbone must return a non-empty dict."""
         return {}
 
     def extract_features(self, wave: np.ndarray) -> dict[str, np.ndarray]:

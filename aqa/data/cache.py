@@ -303,15 +303,19 @@ def build_feature_cache(
     world_size: int = 1,
     barrier: Callable[[], None] | None = None,
     progress: bool = True,
-) -> FeatureCache:
+) -> FeatureCache | None:
     """Open the cache for ``settings`` and fill in every audio file of ``manifests`` that is missing.
 
     ``extractor``: 16 kHz mono float32 ``[S]`` -> ``dict[name, array of any rank]``; with ``settings``
     (its hashable configuration). Both ``None``: the decoded wave is cached under ``"wave"`` as ``[S]``.
+    An extractor with empty settings ``{}`` is a backbone that reads no audio (a text LLM over sound
+    events): no clip is decoded and ``None`` comes back, which ``QADataset`` reads as "no features".
     """
     if extractor is not None and settings is None:
         raise CacheError("an extractor needs its settings (the backbone's feature_settings()) so that a change "
-                         "to them recomputes the cache; pass settings={} only if it truly has none.")
+                         "to them recomputes the cache; settings={} means the backbone reads no audio.")
+    if extractor is not None and not settings:
+        return None  # nothing to extract: not even the audio files need to exist
     cache = FeatureCache(cache_dir, settings)
     cache.ensure(manifest_audio_paths(manifests), extractor, rank=rank, world_size=world_size,
                  barrier=barrier, progress=progress)
