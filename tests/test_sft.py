@@ -231,10 +231,14 @@ def test_nonfinite_step_is_skipped_by_the_engine_and_finite_steps_train(tmp_path
     from aqa.tiny import write_tiny_qwen2_audio
 
     torch.manual_seed(0)
-    backbone = get_backbone("qwen2_audio").from_pretrained(write_tiny_qwen2_audio(tmp_path / "tiny"))
+    device = one_rank_world.device
+    precision = sft.resolve_precision("auto", device)  # fp32 on CPU; on a GPU machine bf16, as the recipe runs
+    dtype = sft.model_dtype(precision)
+    backbone = get_backbone("qwen2_audio").from_pretrained(write_tiny_qwen2_audio(tmp_path / "tiny"), device=device,
+                                                           dtype=dtype)
     cfg = _cfg("batch.global_size=2", "batch.micro_size=1", "optim.lr=0.01", "lora.dropout=0.0")
     model = apply_lora(backbone, cfg.lora)
-    engine, _, ds = sft.build_engine(model, cfg, 1, "fp32", total=10)
+    engine, _, ds = sft.build_engine(model, cfg, 1, precision, total=10)
     assert ds["gradient_accumulation_steps"] == 2
     dev = _dataset(tmp_path, backbone)
     good = [dev[i] for i in range(len(dev))]
@@ -244,8 +248,7 @@ def test_nonfinite_step_is_skipped_by_the_engine_and_finite_steps_train(tmp_path
     state = TrainState()
 
     def step(batches, policy="skip"):
-        return sft.optimizer_step(engine, backbone, iter(batches), 2, state, policy, None,
-                                  torch.device("cpu"), torch.float32)
+        return sft.optimizer_step(engine, backbone, iter(batches), 2, state, policy, None, device, dtype)
 
     before = _lora(engine)
     stats = step([[good[1]], [broken]])  # one bad micro-batch in the window: the whole step is skipped
