@@ -69,6 +69,9 @@ class TinyKimiAudioSpec:
     glm_block_frames: int = 50  # 200 (4 s at 50 Hz)
     codebook_size: int = 64  # 16384
     num_shards: int = 3  # 36
+    # 7B: 0.02 (LM and Whisper). At width 64 a weight std of 0.02 shrinks every branch ~6x and a random tiny
+    # model learns next to nothing from its audio; 0.1 ~ 1/sqrt(64) keeps the per-layer gain near 1.
+    initializer_range: float = 0.1
     extra_corpus: list[str] = field(default_factory=list)
 
 
@@ -92,7 +95,7 @@ def tiny_kimi_config(spec: TinyKimiAudioSpec, tokenizer: KimiTextTokenizer) -> K
         kimia_mimo_layers=spec.mimo_layers, kimia_mimo_transformer_from_layer_index=spec.mimo_from_layer,
         kimia_adaptor_input_dim=4 * spec.whisper_d_model, kimia_token_offset=offset,
         kimia_text_output_vocab=offset, kimia_audio_output_vocab=spec.codebook_size,
-        num_base_tokens=tokenizer.num_base_tokens,
+        num_base_tokens=tokenizer.num_base_tokens, initializer_range=spec.initializer_range,
         **{name: specials[token] for name, token in SPECIAL_TOKEN_FIELDS.items()},
     )
     config.architectures = ["MoonshotKimiaForCausalLM"]
@@ -122,7 +125,7 @@ def _write_whisper(spec: TinyKimiAudioSpec, out: Path, seed: int) -> None:
         decoder_layers=1, encoder_attention_heads=spec.whisper_heads, decoder_attention_heads=spec.whisper_heads,
         encoder_ffn_dim=spec.whisper_ffn_dim, decoder_ffn_dim=spec.whisper_ffn_dim, max_source_positions=positions,
         max_target_positions=16, pad_token_id=1, bos_token_id=2, eos_token_id=3, decoder_start_token_id=2,
-        begin_suppress_tokens=None, suppress_tokens=None,
+        begin_suppress_tokens=None, suppress_tokens=None, init_std=spec.initializer_range,
     )
     torch.manual_seed(seed + 1)
     WhisperForConditionalGeneration(config).save_pretrained(out)  # stock layout: model.encoder.*, model.decoder.*
