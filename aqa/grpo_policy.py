@@ -7,7 +7,8 @@ the SFT model, with no second copy in memory.
 What a run exports must load onto the *base* model with plain ``PeftModel.from_pretrained``, so the
 two low-rank updates are stacked into one adapter of rank ``r_sft + r_grpo``:
 ``s1 B1 A1 + s2 B2 A2 = [s1 B1 | s2 B2] [A1 ; A2]`` with scaling 1 (``lora_alpha == r``). This is
-exact, not an approximation.
+exact, not an approximation. Modules the SFT adapter trained in full (``modules_to_save``) stay frozen
+during GRPO and are copied into the export unchanged.
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ def policy_from_sft(backbone: Backbone, sft_adapter: str | Path, lora: LoraConfi
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    if lora.targets is not None or lora.include_audio or lora.modules_to_save:
+        raise AdapterError("lora.targets / lora.include_audio / lora.modules_to_save do not apply to GRPO: its "
+                           "adapter goes on the SFT adapter's layers, so the two stack into one exported "
+                           "adapter (modules the SFT adapter trained in full are folded in and stay frozen). "
+                           "Set them to null/false.")
     sft_adapter = Path(sft_adapter)
     if not sft_adapter.is_dir():
         raise AdapterError(f"sft_adapter {sft_adapter} does not exist. Train SFT first (train/sft.py) and point "
@@ -57,9 +63,6 @@ def policy_from_sft(backbone: Backbone, sft_adapter: str | Path, lora: LoraConfi
     load_adapter(backbone, sft_adapter)  # checks every tensor against this base first
     config = json.loads((sft_adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     _lora_scaling(config, str(sft_adapter))
-    if lora.targets is not None or lora.include_audio:
-        raise AdapterError("lora.targets / lora.include_audio do not apply to GRPO: its adapter goes on the SFT "
-                           "adapter's layers, so the two stack into one exported adapter. Remove them.")
     merge_lora(backbone)
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
                               target_modules=config["target_modules"])
@@ -100,7 +103,8 @@ def stacked_adapter(sft_adapter: str | Path, grpo_state: dict[str, torch.Tensor]
 
     ``grpo_state``: the GRPO adapter's parameters by PEFT name (fp32 masters, see
     ``checkpoint.trainable_state``); ``grpo_config``: its ``r`` and ``lora_alpha``.
-    Per layer, ``lora_A`` ``[r1 + r2, in]`` and ``lora_B`` ``[out, r1 + r2]`` with the scalings folded into B.
+    Per layer, ``lora_A`` ``[r1 + r2, in]`` and ``lora_B`` ``[out, r1 + r2]`` with the scalings folded into B;
+    the SFT file's other tensors (``modules_to_save``) are copied as they are.
     """
     from safetensors.torch import load_file
 
@@ -108,12 +112,13 @@ def stacked_adapter(sft_adapter: str | Path, grpo_state: dict[str, torch.Tensor]
     config = json.loads((sft_adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     s1 = _lora_scaling(config, str(sft_adapter))
     s2 = float(grpo_config["lora_alpha"]) / float(grpo_config["r"])
-    sft = _adapter_tensors(load_file(str(sft_adapter / ADAPTER_WEIGHTS)))
+    sft_file = load_file(str(sft_adapter / ADAPTER_WEIGHTS))
+    sft = _adapter_tensors(sft_file)
     grpo = _adapter_tensors(grpo_state)
     if {m for m, _ in sft} != {m for m, _ in grpo}:
         raise AdapterError("the GRPO adapter's layers differ from the SFT adapter's; they cannot be stacked.")
     rank = int(config["r"]) + int(grpo_config["r"])
-    tensors = {}
+    tensors = {k: v.contiguous() for k, v in sft_file.items() if not _KEY.fullmatch(k)}  # modules_to_save
     for module in sorted({m for m, _ in sft}):
         a = torch.cat([sft[(module, "lora_A")].float(), grpo[(module, "lora_A")].float()], dim=0)
         b = torch.cat([s1 * sft[(module, "lora_B")].float(), s2 * grpo[(module, "lora_B")].float()], dim=1)

@@ -34,17 +34,21 @@ def tiny_dir(tmp_path_factory):
 
 
 def _randomize_lora(model, seed, std=0.05):
+    """As if trained: LoRA B away from zero, and full copies (modules_to_save) moved off the base weights."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+            elif "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=g) * std)
 
 
 @pytest.fixture(scope="module")
 def sft_dir(tiny_dir, tmp_path_factory):
     bb = get_backbone("qwen2_audio").from_pretrained(tiny_dir)
-    apply_lora(bb, LoraConfig(r=4, alpha=8, dropout=0.0))
+    # as the demo SFT does: LoRA on the LM, the projector trained in full (saved inside the adapter)
+    apply_lora(bb, LoraConfig(r=4, alpha=8, dropout=0.0, modules_to_save=["multi_modal_projector"]))
     _randomize_lora(bb.model, seed=1)
     return save_adapter(bb.model, tmp_path_factory.mktemp("sft") / "adapter")
 
@@ -138,6 +142,7 @@ def test_reference_is_the_sft_model_and_stacked_adapter_is_exact(tiny_dir, sft_d
     out = save_stacked_adapter(sft_dir, state, grpo_adapter_config(policy), tmp_path / "adapter")
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 4 + 2 and config["lora_alpha"] == 6
+    assert config["modules_to_save"] == ["multi_modal_projector"]
     base = get_backbone("qwen2_audio").from_pretrained(tiny_dir)
     stacked = PeftModel.from_pretrained(base.model, str(out))  # plain PEFT on the base model
     assert torch.allclose(_answer_logits(base, stacked, examples), policy_logits, atol=1e-5)
@@ -159,6 +164,8 @@ def test_grpo_adapter_goes_on_the_sft_layers_only(tiny_dir, sft_dir):
     bb = get_backbone("qwen2_audio").from_pretrained(tiny_dir)
     with pytest.raises(AdapterError, match="lora.targets"):
         policy_from_sft(bb, sft_dir, LoraConfig(targets=["q_proj"]))
+    with pytest.raises(AdapterError, match="modules_to_save"):
+        policy_from_sft(bb, sft_dir, LoraConfig(modules_to_save=["audio_tower"]))
 
 
 # -- one micro-batch -------------------------------------------------------------------------------------------

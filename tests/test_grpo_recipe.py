@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from aqa.backbones import get_backbone
 from aqa.checkpoint import save_adapter
+from aqa.distributed import free_port
 from aqa.lora import LoraConfig, apply_lora
 from aqa.tiny import IM_END, build_tiny_qwen2_audio
 
@@ -64,7 +65,9 @@ def _env():
 
 def _run(setup, out: Path, *overrides: str, launcher=("deepspeed", "--num_gpus", "2")) -> subprocess.CompletedProcess:
     exe = shutil.which(launcher[0], path=str(Path(sys.executable).parent)) if launcher[0] == "deepspeed" else None
-    cmd = ([exe, *launcher[1:]] if exe else [sys.executable]) + [
+    # a free port: the launcher's default (29500) may be taken by another job on the machine
+    port = ["--master_port", str(free_port())] if exe else []
+    cmd = ([exe, *port, *launcher[1:]] if exe else [sys.executable]) + [
         "train/grpo.py", "--config", CONFIG, f"model_path={setup['model']}", f"sft_adapter={setup['sft']}",
         f"data_dir={setup['data']}", f"output_dir={out}", f"cache_dir={setup['cache']}", "max_steps=4",
         "batch.per_device=4", "grpo.sampling.max_new_tokens=1", "logging.every_steps=1", "logging.report_to=[]",
