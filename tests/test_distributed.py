@@ -114,3 +114,18 @@ def test_collectives_over_two_gloo_processes(tmp_path):
         assert row["empty"] == [[], ["only"]]
         assert row["bcast"] == "from-zero"
     assert results[1]["saw_marker"] == "rank0"  # rank 1 entered main_first only after rank 0 left it
+
+
+def test_plain_python_start_makes_a_world_of_one():
+    """`python train/sft.py` sets no launcher variables: init() creates them, on a free port, and DeepSpeed joins."""
+    code = ("import os; from aqa import distributed; info = distributed.init(); "
+            "import deepspeed.comm as dc; "
+            "print('RESULT', info.rank, info.world_size, info.backend, os.environ['WORLD_SIZE'], dc.get_world_size()); "
+            "distributed.cleanup()")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(li for li in proc.stdout.splitlines() if li.startswith("RESULT"))
+    assert line.split()[1:] == ["0", "1", "gloo", "1", "1"]
