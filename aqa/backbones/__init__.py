@@ -3,6 +3,7 @@
 from aqa.backbones import (
     kimi_audio,  # noqa: F401  (registers "kimi_audio")
     qwen2_audio,  # noqa: F401  (registers "qwen2_audio")
+    text_llm,  # noqa: F401  (registers "text_llm")
 )
 from aqa.backbones.base import Backbone, Example, Rollout, SamplingConfig, get_backbone, register
 
