@@ -13,9 +13,9 @@ advantages, reference log-probs (adapter disabled), policy log-probs, loss, back
 - shared: one prefill per question, its KV cache expanded to G (``aqa/backbones/shared_prefix.py``).
 
 A random model never says <|im_end|>, so every completion runs the full token budget in both layouts.
-Each layout runs in its own process (so one's freed memory cannot hide the other's peak). Prints both
-times, peak memory (CUDA: allocated; CPU: resident set growth over warm-up and steps) and a last line
-with ``speedup=X.XX`` (naive time / shared time; target >= 3).
+Peak memory is taken for each layout in its own process (CUDA: allocated; CPU: resident set growth);
+times are medians of steps that alternate between the layouts in one process. Prints both, and a last
+line with ``speedup=X.XX`` (naive time / shared time; target >= 3).
 """
 
 from __future__ import annotations
@@ -116,21 +116,14 @@ def grpo_step(bb: Qwen2AudioBackbone, optimizer: torch.optim.Optimizer, examples
     return loss.detach().item()
 
 
-def run_steps(step: Callable[[int], float], steps: int, device: torch.device) -> tuple[float, int]:
-    """Median seconds per step over ``steps`` steps after one warm-up step (one-off kernel selection is
-    not step time; the median resists other jobs on a shared machine), and peak memory growth (bytes)."""
-    times = []
-    with PeakMemory(device) as mem:
-        step(-1)
-        for i in tqdm(range(steps), desc="steps", leave=False):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step(i)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return float(np.median(times)), mem.peak
+def timed(step: Callable[[], float], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -147,16 +140,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads; 1 keeps timings stable on a machine shared with other jobs")
-    parser.add_argument("--layout", choices=["naive", "shared"], help=argparse.SUPPRESS)  # internal: one child
+    parser.add_argument("--memory-of", choices=["naive", "shared"], help=argparse.SUPPRESS)  # internal: a child
     parser.add_argument("spec", nargs="*", help="model size overrides, e.g. hidden_size=4096")
     args = parser.parse_args(argv)
     spec = load_config(TinyQwen2AudioSpec, None, args.spec)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
 
-    if not args.layout:
-        compare(argv if argv is not None else sys.argv[1:])
-        return
+    # -- peak memory: each layout in its own process first, so one's freed memory cannot hide the other's
+    #    peak (and, on a GPU, this process holds no model meanwhile)
+    if args.memory_of is None:
+        peaks = {}
+        for layout in ("naive", "shared"):
+            child = subprocess.run([sys.executable, __file__, "--memory-of", layout,
+                                    *(argv if argv is not None else sys.argv[1:])],
+                                   check=True, stdout=subprocess.PIPE, text=True)
+            peaks[layout] = json.loads(child.stdout.strip().splitlines()[-1])["peak"]
+
     model, processor = build_tiny_qwen2_audio(spec, args.seed, device=device, dtype=getattr(torch, args.dtype))
     bb = Qwen2AudioBackbone(model, processor)
     apply_lora(bb, LoraConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0))
@@ -166,31 +166,33 @@ def main(argv: list[str] | None = None) -> None:
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens)
     prompt = bb.generate(bb.model, examples, 2, SamplingConfig(max_new_tokens=1)).prompt  # [B, P], audio
 
-    def step(i):
-        return grpo_step(bb, optimizer, examples, prompt, args.generations, sampling, args.layout == "naive",
-                         args.seed + i)
+    def step(layout: str, i: int) -> Callable[[], float]:
+        return lambda: grpo_step(bb, optimizer, examples, prompt, args.generations, sampling, layout == "naive",
+                                 args.seed + i)
 
-    sec, peak = run_steps(step, args.steps, device)
-    info = (f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {args.device} {args.dtype}; "
-            f"B={args.questions} questions, G={args.generations}, prompt {prompt.input_ids.shape[1]} tokens "
-            f"(audio included), {args.max_new_tokens} new tokens")
-    print(json.dumps({"sec": sec, "peak": peak, "info": info}))
+    if args.memory_of is not None:  # the child: a warm-up step and one more, under the memory watch
+        with PeakMemory(device) as mem:
+            step(args.memory_of, -1)()
+            step(args.memory_of, 0)()
+        print(json.dumps({"peak": mem.peak}))
+        return
 
-
-def compare(argv: list[str]) -> None:
-    """Run each layout in a child process and print the comparison."""
-    results = {}
-    for layout in ("naive", "shared"):
-        child = subprocess.run([sys.executable, __file__, "--layout", layout, *argv],
-                               check=True, stdout=subprocess.PIPE, text=True)
-        results[layout] = r = json.loads(child.stdout.strip().splitlines()[-1])
-        if layout == "naive":
-            print(r["info"])
-        print(f"{layout:>6}: {r['sec']:8.3f} s/step   peak memory +{r['peak'] / 2**20:8.1f} MiB")
-    speedup = results["naive"]["sec"] / results["shared"]["sec"]
-    mem_ratio = results["naive"]["peak"] / max(results["shared"]["peak"], 1)
-    G = argv[argv.index("--generations") + 1] if "--generations" in argv else 6
-    print(f"grpo_step G={G}: naive/shared peak memory={mem_ratio:.2f}x speedup={speedup:.2f}")
+    # -- time: one warm-up each (one-off kernel selection is not step time), then the layouts alternate
+    #    step by step, so load from other jobs on a shared machine falls on both alike; medians
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {args.device} {args.dtype}; "
+          f"B={args.questions} questions, G={args.generations}, prompt {prompt.input_ids.shape[1]} tokens "
+          f"(audio included), {args.max_new_tokens} new tokens")
+    times: dict[str, list[float]] = {"naive": [], "shared": []}
+    for layout in times:
+        step(layout, -1)()
+    for i in tqdm(range(args.steps), desc="steps", leave=False):
+        for layout in times:
+            times[layout].append(timed(step(layout, i), device))
+    sec = {layout: float(np.median(t)) for layout, t in times.items()}
+    for layout in times:
+        print(f"{layout:>6}: {sec[layout]:8.3f} s/step   peak memory +{peaks[layout] / 2**20:8.1f} MiB")
+    print(f"grpo_step G={args.generations}: naive/shared peak memory={peaks['naive'] / max(peaks['shared'], 1):.2f}x "
+          f"speedup={sec['naive'] / sec['shared']:.2f}")
 
 
 if __name__ == "__main__":
