@@ -32,12 +32,16 @@ def _letter_index(text: str, n: int) -> int | None:
         rf"^\(?([{letters}])\)?[\s.:,)]*$",  # the whole answer is a letter: "B", "(B)", "B."
         rf"^\(([{letters}])\)",  # "(B) dog"
         rf"^([{letters}])[).:](?:\s|$)",  # "B) dog", "B. dog", "B: dog"
-        rf"\banswer\s*(?:is|:)?\s*:?\s*\(?([{letters}])\b\)?",  # "The answer is B", "Answer: (B)"
-        rf"\boption\s*\(?([{letters}])\b\)?",  # "option B"
+        # "The answer is B", "Answer: (B)", "option B": the cue word in any case; an upper-case letter anywhere,
+        # a lower-case one only when nothing but punctuation follows ("the answer is c."), so that
+        # "the answer is a dog" is read by its option text, not as option A.
+        rf"(?i:\banswer)\s*(?i:is|:)?\s*:?\s*\(?([{letters}])\b\)?",
+        rf"(?i:\boption)\s*\(?([{letters}])\b\)?",
+        rf"(?i:\banswer\s*(?:is|:)?\s*:?\s*\(?([{letters}])\)?[\s.!,;]*)$",
+        rf"(?i:\boption\s*\(?([{letters}])\)?[\s.!,;]*)$",
     ]
-    for i, pattern in enumerate(patterns):
-        flags = re.IGNORECASE if i >= 3 else 0  # a lower-case "a" at the start is an article, not a letter
-        m = re.search(pattern, s, flags)
+    for pattern in patterns:
+        m = re.search(pattern, s)
         if m:
             return letters.index(m.group(1).upper())
     return None

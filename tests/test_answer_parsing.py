@@ -11,6 +11,7 @@ CHOICES = ["dog bark", "dog", "siren", "A. rain"]
     ("B", 1), ("(C)", 2), ("C.", 2), ("D) rain", 3), ("(B) dog", 1), ("The answer is c", 2),
     ("Answer: (D)", 3), ("option B", 1), ("B: dog", 1),
     ("A dog bark", 0),  # "A" followed by a word is an article: the text decides, the longer option wins
+    ("the answer is a dog", 1), ("The answer is a siren.", 2), ("option c!", 2),
     ("a siren", 2), ("It sounds like rain.", 3), ("Dog!", 1),
     ("", None), ("nothing here", None), ("dog bark and siren", None), ("E", None),
 ])
