@@ -94,7 +94,52 @@ def build_members(py: str, ds: list[str]) -> list[Member]:
             "kimi_audio_sft", "kimi_audio", "sft", "runs/demo/kimi_audio_sft", str(cfg / "kimi_audio_infer.yaml"),
             train=[("kimi_audio SFT", [*ds, "train/sft.py", "--config", str(cfg / "kimi_audio_sft.yaml")])],
         ))
+    if (cfg / "cascade_sft.yaml").is_file():
+        sed, events = "runs/demo/cascade/sed/model", "runs/demo/cascade/events"
+        cascade = [
+            ("tiny BEATs", [py, "-m", "aqa.sed.tiny", "--out", "runs/demo/cascade/sed_init",
+                            "--labels", "data/demo/raw/mid_to_display_name.tsv", "--drop", "Environmental noise"]),
+            ("cascade SED", [*ds, "train/sed.py", "--config", str(cfg / "cascade_sed.yaml")]),
+            ("cascade calibration", [py, "-m", "aqa.sed.calibrate", "--config", str(cfg / "cascade_calibrate.yaml")]),
+            *[(f"cascade events {split}", [py, "-m", "data_prep.sed_events", "--manifest", f"data/demo/{split}.jsonl",
+                                           "--sed", sed, "--calibration", "runs/demo/cascade/calibration.json",
+                                           "--out", events, "--config", str(cfg / "cascade_events.yaml")])
+              for split in ("train", "dev", "eval")],
+            ("cascade SFT", [*ds, "train/sft.py", "--config", str(cfg / "cascade_sft.yaml")]),
+            ("cascade GRPO", [*ds, "train/grpo.py", "--config", str(cfg / "cascade_grpo.yaml")]),
+        ]
+        members.append(Member(
+            "cascade_grpo", "text_llm", "grpo", "runs/demo/cascade_grpo", str(cfg / "cascade_infer.yaml"),
+            train=cascade,
+            infer_overrides=["adapter=runs/demo/cascade_grpo/adapter", "output_dir=runs/demo/cascade_grpo/infer",
+                             "model_name=cascade_grpo"],
+        ))
     return members
+
+
+def cascade_section(py: str, stage) -> dict | None:
+    """The cascade's Cllr before/after calibration and its dev accuracy with and without events."""
+    cal_path = Path("runs/demo/cascade/calibration.json")
+    with_events = Path("runs/demo/cascade_grpo/infer/dev/metrics.json")
+    if not cal_path.is_file() or not with_events.is_file():
+        return None
+    stage("cascade inference dev, no events", [
+        py, "inference/run.py", "--config", str(DEMO_CONFIGS / "cascade_infer.yaml"), "--split", "dev",
+        "adapter=runs/demo/cascade_grpo/adapter", "output_dir=runs/demo/cascade_grpo/infer_no_events",
+        "model_name=cascade_grpo_no_events", "prompt.events=false"])
+    cal = json.loads(cal_path.read_text(encoding="utf-8"))
+    acc = {name: json.loads(Path(f"runs/demo/cascade_grpo/{d}/dev/metrics.json").read_text())["weighted_mean"]
+           for name, d in (("with events", "infer"), ("without events", "infer_no_events"))}
+    body = "\n".join([
+        "| SED calibration (mean Cllr over calibrated classes) | before | after |", "|---|---|---|",
+        f"| calibration split | {cal['mean_cllr_before']:.3f} | {cal['mean_cllr_after']:.3f} |",
+        *([f"| held-out split | {cal['heldout_cllr_before']:.3f} | {cal['heldout_cllr_after']:.3f} |"]
+          if cal.get("heldout_cllr_before") is not None else []),
+        "", "| cascade on dev | weighted accuracy |", "|---|---|",
+        *[f"| {k} | {100 * v:.1f} |" for k, v in acc.items()],
+    ])
+    return {"title": "Cascade: calibration and events", "body": body, "cllr": {
+        "before": cal["mean_cllr_before"], "after": cal["mean_cllr_after"]}, "dev_accuracy": acc}
 
 
 def tiny_models(py: str, members: list[Member], seed: int) -> list[tuple[str, list[str]]]:
@@ -161,15 +206,21 @@ def main(argv: list[str] | None = None) -> int:
             upsert_member(report, member_entry(m))
             save_report(report, out)
         # -- the learnable ensemble over the members' dev predictions, applied to eval
-        if len(members) >= 2:
-            names = [m.name for m in members]
-            dev = [str(Path(m.run_dir) / "infer/dev/predictions.jsonl") for m in members]
-            ev = [str(Path(m.run_dir) / "infer/eval/predictions.jsonl") for m in members]
+        #    (one member per backbone: its last training stage, so the ensemble fuses different systems)
+        fused = list({m.backbone: m for m in members}.values())
+        if len(fused) >= 2:
+            names = [m.name for m in fused]
+            dev = [str(Path(m.run_dir) / "infer/dev/predictions.jsonl") for m in fused]
+            ev = [str(Path(m.run_dir) / "infer/eval/predictions.jsonl") for m in fused]
             stage("ensemble", [py, "ensemble/fit.py", "--config", "configs/ensemble.yaml", "--dev", *dev,
                                "--eval", *ev, "--names", *names, "--out", str(out / "ensemble")])
             from aqa.ensemble_run import report_entry
 
             report["ensemble"] = report_entry(out / "ensemble", relative_to=out)
+        section = cascade_section(py, stage) if any(m.backbone == "text_llm" for m in members) else None
+        report["sections"] = [section] if section else []
+        if section:
+            report["cascade"] = {"cllr": section["cllr"], "dev_accuracy": section["dev_accuracy"]}
     except StageFailed as err:
         print(f"\ndemo failed: {err}", file=sys.stderr)
         return 1
