@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             calibration = None if args.calibration.lower() == "none" else args.calibration
             cache = args.cache_dir or str(Path(args.out) / ".sed_cache")
             records, events, notes, summary = detect_events(args.manifest, args.sed, calibration, cfg, cache,
-                                                            resolve_device(cfg.device))
+                                                            resolve_device(cfg.device, cfg.cpu_threads))
         target = write_annotated(args.manifest, records, events, notes, args.out, summary)
     except (ConfigError, ManifestError, EventsError, CalibrationError, SedCheckpointError, LabelMapError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -37,7 +37,8 @@ class EventsError(ValueError):
 class SedEventsConfig:
     posteriors: PosteriorConfig
     events: EventConfig
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda
+    cpu_threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
 
 
 def _listed(ids: list[str], limit: int = 10) -> str:
