@@ -43,5 +43,17 @@ bench: $(STAMP)
 ensemble: $(STAMP)
 	$(PY) ensemble/fit.py --config configs/ensemble.yaml
 
+# make sft|grpo [CONFIG=configs/qwen2_audio/sft.yaml] [GPUS=8] [ARGS="max_steps=10 ..."]
+GPUS   ?= 1
+SPLIT  ?= dev
+sft: $(STAMP)
+	$(VENV)/bin/deepspeed --num_gpus $(GPUS) train/sft.py --config $(or $(CONFIG),configs/demo/qwen2_audio_sft.yaml) $(ARGS)
+
+grpo: $(STAMP)
+	$(VENV)/bin/deepspeed --num_gpus $(GPUS) train/grpo.py --config $(or $(CONFIG),configs/demo/qwen2_audio_grpo.yaml) $(ARGS)
+
+infer: $(STAMP)
+	$(PY) inference/run.py --config $(or $(CONFIG),configs/demo/qwen2_audio_infer.yaml) --split $(SPLIT) $(ARGS)
+
 clean:
 	rm -rf $(DEMO_DIR) $(DATA_DIR)
