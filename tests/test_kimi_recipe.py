@@ -20,6 +20,7 @@ from tests.recipe_utils import ROOT, deepspeed, python, synth_data
 
 SFT_CONFIG = "configs/demo/kimi_audio_sft.yaml"
 INFER_CONFIG = "configs/demo/kimi_audio_infer.yaml"
+GRPO_CONFIG = "configs/demo/kimi_audio_grpo.yaml"
 STEPS = 4
 DEV = 8
 
@@ -34,13 +35,16 @@ def test_shipped_kimi_configs_load_with_the_report_recipe():
     assert demo.output_dir == "runs/demo/kimi_audio_sft" and demo.cache_dir == "runs/demo/cache"
     grpo = load_grpo_config(ROOT / "configs/kimi_audio/grpo.yaml")
     assert grpo.backbone == "kimi_audio" and grpo.sft_adapter == report.output_dir + "/adapter"
+    demo_grpo = load_grpo_config(ROOT / GRPO_CONFIG)
+    assert demo_grpo.backbone == "kimi_audio" and demo_grpo.sft_adapter == demo.output_dir + "/adapter"
+    assert demo_grpo.model_path == demo.model_path and demo_grpo.prompt == demo.prompt
     for path, adapter in (("configs/kimi_audio/infer.yaml", report.output_dir + "/adapter"),
                           (INFER_CONFIG, demo.output_dir + "/adapter")):
         infer = load_config(InferConfig, ROOT / path)
         assert infer.backbone == "kimi_audio" and infer.adapter == adapter
         assert infer.prompt == report.prompt  # scoring must use the prompt the adapter was trained with
     for path in ("configs/kimi_audio/sft.yaml", "configs/kimi_audio/grpo.yaml", "configs/kimi_audio/infer.yaml",
-                 SFT_CONFIG, INFER_CONFIG):
+                 SFT_CONFIG, INFER_CONFIG, GRPO_CONFIG):
         first = (ROOT / path).read_text(encoding="utf-8").splitlines()[0]
         assert first.startswith("# ") and ("train/" in first or "inference/run.py" in first), path
 
