@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -123,6 +124,7 @@ def cascade_section(py: str, stage) -> dict | None:
     with_events = Path("runs/demo/cascade_grpo/infer/dev/metrics.json")
     if not cal_path.is_file() or not with_events.is_file():
         return None
+    shutil.rmtree("runs/demo/cascade_grpo/infer_no_events", ignore_errors=True)
     stage("cascade inference dev, no events", [
         py, "inference/run.py", "--config", str(DEMO_CONFIGS / "cascade_infer.yaml"), "--split", "dev",
         "adapter=runs/demo/cascade_grpo/adapter", "output_dir=runs/demo/cascade_grpo/infer_no_events",
@@ -200,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         for m in members:
             for title, cmd in m.train:
                 stage(title, cmd)
+            # scoring is cheap: score afresh, so a rerun after a config change never meets stale predictions
+            shutil.rmtree(Path(m.run_dir) / "infer", ignore_errors=True)
             for split in ("dev", "eval"):
                 stage(f"{m.name} inference {split}", [py, "inference/run.py", "--config", m.infer_config,
                                                       "--split", split, *m.infer_overrides])
