@@ -90,8 +90,8 @@ def grpo_run(assets, sft_run):
     out = assets["root"] / "grpo"
     launch("train/grpo.py", "configs/demo/cascade_grpo.yaml", f"model_path={assets['model']}",
            f"sft_adapter={sft_run / 'adapter'}", f"data_dir={assets['data']}", f"output_dir={out}", "max_steps=4",
-           "batch.per_device=4", "grpo.sampling.max_new_tokens=1", "eval.every_steps=0", "eval.limit=4",
-           "checkpoint.every_steps=2")
+           "batch.per_device=4", "grpo.sampling.max_new_tokens=1", "grpo.sampling.temperature=1.0",  # varied groups
+           "eval.every_steps=0", "eval.limit=4", "checkpoint.every_steps=2")
     return out
 
 
@@ -161,11 +161,11 @@ def test_inference_scores_the_grpo_member(grpo_run, assets):
     out = assets["root"] / "infer"
     cmd = [sys.executable, "inference/run.py", "--config", "configs/demo/cascade_infer.yaml", "--split", "dev",
            f"model_path={assets['model']}", f"adapter={grpo_run / 'adapter'}", f"data_dir={assets['data']}",
-           f"output_dir={out}", "model_name=cascade_grpo", "progress=false"]
+           f"output_dir={out}", "model_name=cascade_grpo", "permutations=3", "progress=false"]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "dev" / "metrics.json").read_text())
-    assert metrics["counts"] == {"tsqa": 8} and metrics["permutations"] == 4
+    assert metrics["counts"] == {"tsqa": 8} and metrics["permutations"] == 3
     rows = [json.loads(line) for line in (out / "dev" / "predictions.jsonl").read_text().splitlines()]
     assert {r["model"] for r in rows} == {"cascade_grpo"} and all(len(r["option_logits"]) == 3 for r in rows)
