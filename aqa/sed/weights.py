@@ -92,9 +92,9 @@ def load_sed_dir(directory: str | Path, device: str | torch.device = "cpu") -> t
 
 # -- official checkpoints ----------------------------------------------------------------------------
 RESAVE_HINT = (
-    "If you trust the file, re-save its plain parts once in a separate Python session: "
-    "c = torch.load('IN.pt', weights_only=False); torch.save({'cfg': dict(c['cfg']), 'model': dict(c['model']), "
-    "'label_dict': dict(c.get('label_dict') or {})}, 'OUT.pt'), then convert OUT.pt."
+    "If you trust the file, re-save its plain parts once in a separate Python session: load it with pickle "
+    "allowed (torch's weights_only set to False), save a dict of plain 'cfg', 'model' and 'label_dict' "
+    "entries to OUT.pt, then convert OUT.pt."
 )
 
 

@@ -11,9 +11,7 @@ Shapes: B questions, R = sum of orders over questions, T positions, M Whisper wi
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from torch import nn
 
 from aqa.backbones import shared_prefix
 from aqa.backbones.base import Backbone, Rollout, register
+from aqa.backbones.chat_lm import common_prefix_len, eval_mode
 from aqa.backbones.kimi_audio.audio_lm import KimiAudio, load_kimi_audio
 from aqa.backbones.kimi_audio.config import SPECIAL_TOKEN_FIELDS, load_kimi_config
 from aqa.backbones.kimi_audio.decoder_view import TextStreamView, pad_features_per_row
@@ -56,17 +55,6 @@ def unwrap(model: nn.Module) -> KimiAudio:
     return model
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Scoring runs without dropout, then the caller's train/eval mode is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def pad_streams(rows: list[TwoStream], pad: int) -> dict[str, torch.Tensor]:
     """Right-pad two-stream rows: ``input_ids``/``text_input_ids``/``is_continuous_mask``/``attention_mask``/
     ``labels`` ``[R, T]`` (labels: text ids where the loss mask is set, else -100)."""
@@ -87,14 +75,6 @@ def pad_streams(rows: list[TwoStream], pad: int) -> dict[str, torch.Tensor]:
         loss = torch.tensor(r.text_loss_mask, dtype=torch.bool)
         out["labels"][i, :n] = torch.where(loss, torch.tensor(r.text_ids), IGNORE_INDEX)
     return out
-
-
-def _common_prefix_len(rows: list[list[int]]) -> int:
-    n = min(len(r) for r in rows)
-    for i in range(n):
-        if any(r[i] != rows[0][i] for r in rows[1:]):
-            return i
-    return n
 
 
 @register
@@ -269,7 +249,7 @@ class KimiAudioBackbone(Backbone):
     def _shared_prefix_hidden(self, hf, rows, feats) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefix once per question, K suffixes from its KV cache. Returns suffix states ``[R, S, H]`` and
         each row's last suffix position ``[R]``."""
-        split = [min(_common_prefix_len([r.text_ids for r in q]), _common_prefix_len([r.audio_ids for r in q]),
+        split = [min(common_prefix_len([r.text_ids for r in q]), common_prefix_len([r.audio_ids for r in q]),
                      min(len(r) for r in q) - 1) for q in rows]
         if any(any(q[0].is_continuous[:s]) for q, s in zip(rows, split)):
             raise ValueError("audio lies in the shared prefix; the prompt must put the question before the audio.")
