@@ -4,8 +4,11 @@
 PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
+LOCK        ?= requirements.lock
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
+LATEST_VENV ?= .cache/venv-latest
+LOCK_VENV   ?= .cache/venv-lock
 DEMO_DIR    ?= runs/demo
 DATA_DIR    ?= data/demo
 PYTEST_ARGS ?=
@@ -15,18 +18,46 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test lint bench ensemble sft grpo infer clean
+.PHONY: venv demo test test-latest lint bench lock ensemble sft grpo infer clean
 
 venv: $(STAMP)
 
 # torch goes first and pinned (TORCH_SPEC), so the CPU wheel is used here and a CUDA build on a GPU box;
-# the project's ranges are then satisfied by it and nothing larger is pulled in.
-$(STAMP): pyproject.toml
+# then exactly the versions in the lock ($(LOCK), everything but torch), then the project itself without
+# resolving anything again. A changed lock or pyproject.toml reinstalls.
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip check
 	touch $(STAMP)
+
+# Re-resolve the lock to the newest versions pyproject.toml's ranges allow, with torch held at TORCH_SPEC
+# (its CPU build must be what pip finds for that version; torch itself is left out of the lock).
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet "pip-tools>=7.4"
+	echo "$(firstword $(TORCH_SPEC))" > $(LOCK_VENV)/torch.txt
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile --quiet --upgrade --strip-extras \
+		--extra dev --unsafe-package torch --constraint $(LOCK_VENV)/torch.txt \
+		--no-emit-find-links --no-emit-index-url --no-emit-trusted-host --output-file $(LOCK) pyproject.toml
+	@echo "wrote $(LOCK); run 'make test' (it reinstalls .venv from the new lock) before committing it"
+
+# A throwaway venv with the newest versions the ranges allow (torch at TORCH_SPEC), then the fast tests:
+# drift in a dependency shows up here before it reaches a user.
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install --quiet --upgrade pip
+	$(LATEST_VENV)/bin/pip install --quiet $(TORCH_SPEC)
+	echo "$(firstword $(TORCH_SPEC))" > $(LATEST_VENV)/torch.txt
+	$(LATEST_VENV)/bin/pip install --quiet --upgrade --upgrade-strategy eager -c $(LATEST_VENV)/torch.txt -e ".[dev]"
+	$(LATEST_VENV)/bin/pip list --format freeze | grep -i -E '^(torch|transformers|peft|deepspeed|datasets|accelerate)=='
+	touch $(LATEST_VENV)/.installed
+	$(LATEST_VENV)/bin/python -m pytest -m "not slow and not lockfile" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m aqa.demo --out $(DEMO_DIR) --data $(DATA_DIR)

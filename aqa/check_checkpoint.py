@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None,
                         help=f"the checkpoint's config.json (optional for {', '.join(sorted(CONFIG_OPTIONAL))})")
     parser.add_argument("--index", required=True,
-                        help="names/shapes JSON (as in shared/reference) or a release's model.safetensors.index.json")
+                        help="names/shapes JSON (as in tests/fixtures/) or a release's model.safetensors.index.json")
     args = parser.parse_args(argv)
     if args.config is None and args.backbone not in CONFIG_OPTIONAL:
         print(f"error: --config is required for {args.backbone}", file=sys.stderr)

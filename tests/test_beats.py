@@ -18,7 +18,7 @@ from aqa.sed.tiny import DEFAULT_CONFIG, build_tiny_beats, write_tiny_beats
 from aqa.sed.weights import SedCheckpointError, convert_official, load_sed_dir, read_official_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-PARAMS = ROOT / "tests" / "fixtures" / "beats_params.json"  # copy of shared/reference/beats_params.json
+PARAMS = ROOT / "tests" / "fixtures" / "beats_params.json"  # the official 252 names and shapes
 BEATS_CONFIGS = ROOT / "configs" / "cascade" / "beats"
 
 

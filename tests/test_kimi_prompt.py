@@ -16,11 +16,8 @@ from aqa.backbones.kimi_audio.tiny import write_tiny_kimi_audio
 from aqa.data.example import Example
 from aqa.data.prompts import PromptConfig
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parent / "fixtures"  # copies of the official listings
 EXAMPLE = REFERENCE / "kimi_audio_io_example.json"
-needs_reference = pytest.mark.skipif(
-    not EXAMPLE.is_file(), reason="shared/reference (kimi_audio_io_example.json) is not beside the repository"
-)
 
 # The example's inputs: question ids 1001..1003, GLM codes 5, 77, 16383, 0 (audio ids minus 152064),
 # answer ids 2001, 2002.
@@ -32,7 +29,6 @@ def ids_7b():
     return SpecialIds.from_config(load_kimi_config(REFERENCE / "kimi_audio_7b_instruct_config.json"))
 
 
-@needs_reference
 def test_inference_prompt_equals_the_official_example(ids_7b):
     expected = json.loads(EXAMPLE.read_text())["inference_prompt"]
     s = inference_prompt(QUESTION, CODES, ids_7b)
@@ -43,7 +39,6 @@ def test_inference_prompt_equals_the_official_example(ids_7b):
     assert sum(s.is_continuous) == expected["continuous_feature_shapes"][0][1]
 
 
-@needs_reference
 def test_training_sample_equals_the_official_example(ids_7b):
     expected = json.loads(EXAMPLE.read_text())["training_sample"]
     s = training_sample(QUESTION, CODES, ANSWER, ids_7b)
@@ -53,14 +48,12 @@ def test_training_sample_equals_the_official_example(ids_7b):
     assert s.text_loss_mask == expected["text_loss_mask"]
 
 
-@needs_reference
 def test_scoring_lead_goes_to_the_text_stream_with_a_blank_audio_stream(ids_7b):
     s = inference_prompt(QUESTION, CODES, ids_7b, lead_ids=[7, 8])
     assert s.audio_ids[-3:] == [ids_7b.assistant_msg_start, ids_7b.text_blank, ids_7b.text_blank]
     assert s.text_ids[-2:] == [7, 8]
 
 
-@needs_reference
 def test_empty_audio_or_answer_is_refused(ids_7b):
     with pytest.raises(ValueError, match="no semantic tokens"):
         inference_prompt(QUESTION, [], ids_7b)

@@ -7,7 +7,7 @@ prefix shared by K option orders, greedy answers and the GRPO rollouts / log-pro
 ``shared_prefix``.
 
 The wrapped model must be an HF causal LM with ``.model`` (the decoder stack, taking ``input_ids``,
-``attention_mask``, ``position_ids``, ``past_key_values`` and the extra inputs) and an output embedding.
+``attention_mask``, ``position_ids``, ``cache`` and the extra inputs) and an output embedding.
 
 Shapes: B questions, R = sum of orders over questions, T tokens, V vocabulary.
 """
@@ -207,7 +207,7 @@ class ChatLMBackbone(Backbone):
         p_ids, p_mask = right_pad(prefixes, self.pad_id)
         extra = self._prefill_inputs(hf, examples, device)
         out = hf.model(input_ids=p_ids.to(device), attention_mask=p_mask.to(device), use_cache=True, **extra)
-        cache = out.past_key_values
+        cache = out.cache
         # 2) expand the cache to one row per order: [B, ...] -> [R, ...]
         repeat = torch.tensor([len(rows) for rows in prompts])
         index = torch.repeat_interleave(torch.arange(len(prompts)), repeat)
@@ -219,7 +219,7 @@ class ChatLMBackbone(Backbone):
         full_mask = torch.cat([p_mask[index], s_mask], dim=1)  # [R, P + S]
         out = hf.model(
             input_ids=s_ids.to(device), attention_mask=full_mask.to(device), position_ids=positions.to(device),
-            past_key_values=cache, use_cache=True,
+            cache=cache, use_cache=True,
         )
         return self._read_letters(hf, out.last_hidden_state, s_mask.sum(1) - 1)
 

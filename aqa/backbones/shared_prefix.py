@@ -92,7 +92,7 @@ def _prefill(model: nn.Module, prompt: PromptBatch, repeat: int):
     out = decoder(input_ids=prompt.input_ids, attention_mask=prompt.attention_mask,
                   position_ids=_positions(prompt.attention_mask), use_cache=True, **prompt.extra)
     last = head(out.last_hidden_state[:, -1])  # [B, V]: left padding puts every prompt's end in the last column
-    cache = out.past_key_values
+    cache = out.cache
     if repeat > 1:
         index = torch.arange(prompt.input_ids.shape[0], device=last.device).repeat_interleave(repeat)
         cache.reorder_cache(index)  # index_select: differentiable, so gradients reach the shared prefix
@@ -146,8 +146,8 @@ def _decode(model: nn.Module, last: torch.Tensor, cache, prompt_mask: torch.Tens
             break
         mask = torch.cat([mask, keep[-1].long()[:, None]], dim=1)  # the fed token is real iff it was kept
         out = decoder(input_ids=nxt[:, None], attention_mask=mask, position_ids=(start + step)[:, None],
-                      past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+                      cache=cache, use_cache=True)
+        cache = out.cache
         logits = head(out.last_hidden_state[:, -1])
     return torch.stack(tokens, dim=1), torch.stack(keep, dim=1).long()
 
@@ -194,7 +194,7 @@ def completion_logprobs(model: nn.Module, prompt: PromptBatch, completion_ids: t
         start = p_mask.sum(dim=1, keepdim=True)  # [B*G, 1]
         out = decoder(input_ids=flat[:, :-1], attention_mask=torch.cat([p_mask, c_mask], dim=1),
                       position_ids=start + torch.arange(T - 1, device=flat.device)[None, :],
-                      past_key_values=cache, use_cache=True)
+                      cache=cache, use_cache=True)
         logits.append(head(out.last_hidden_state))  # [B*G, T-1, V]
     return _token_logprobs(torch.cat(logits, dim=1), flat, prompt.temperature).view(B, G, T)
 

@@ -3,7 +3,7 @@
     python -m aqa.check_checkpoint --backbone beats --index beats_params.json [--config config.json]
 
 The index is a names/shapes listing (``{"shapes": {name: shape}, "cfg": {...}}``, as in
-``shared/reference/beats_params.json``), a ``model.safetensors`` file, or a SED directory (shapes read from
+``tests/fixtures/beats_params.json``), a ``model.safetensors`` file, or a SED directory (shapes read from
 the safetensors header, nothing loaded). The model is built on the meta device from ``--config`` (a BEATs
 ``config.json``, or a SED directory), else from the listing's own ``cfg`` or the directory's config.
 """

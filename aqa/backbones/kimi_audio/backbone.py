@@ -312,7 +312,7 @@ class KimiAudioBackbone(Backbone):
             prompt = self._prompt_batch(hf, examples, 1.0)
             out = view.model(prompt.input_ids, prompt.attention_mask, _positions(prompt.attention_mask),
                              use_cache=True, **prompt.extra)
-            mask, cache, done = prompt.attention_mask, out.past_key_values, None
+            mask, cache, done = prompt.attention_mask, out.cache, None
             next_pos = mask.sum(1)
             logits = hf.lm.lm_head(out.last_hidden_state[:, -1])
             suppress = torch.tensor(self._rules().suppress_ids, device=logits.device)
@@ -326,7 +326,7 @@ class KimiAudioBackbone(Backbone):
                     break
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 out = view.model(nxt[:, None], mask, (next_pos + step)[:, None], cache, use_cache=True)
-                cache = out.past_key_values
+                cache = out.cache
                 logits = hf.lm.lm_head(out.last_hidden_state[:, -1])
         ids = torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in examples]
         return [self._decode(row) for row in ids]

@@ -7,7 +7,7 @@ Three parts, each built on the meta device and compared with the checkpoint's na
 * the Whisper encoder vs ``whisper-large-v3/`` (stock layout; the decoder is not used);
 * the GLM-4-Voice speech tokenizer vs its ``model.safetensors`` (247 tensors; EMA buffers unused).
 
-The index is either the names/shapes listing of ``shared/reference/kimi_audio_7b_params.json``
+The index is either the names/shapes listing of ``tests/fixtures/kimi_audio_7b_params.json`` (a copy of the official listing)
 (sections ``model``, ``model_checkpoint_extra_buffers``, ``whisper_large_v3_subfolder_hf_layout``,
 ``glm4_voice_tokenizer``, ``glm4_voice_tokenizer_optional_ema_buffers``), checked against the
 published whisper-large-v3 and glm-4-voice-tokenizer architectures, or a release directory's

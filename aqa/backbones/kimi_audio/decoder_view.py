@@ -1,7 +1,7 @@
 """Kimi-Audio seen as a one-stream causal LM, for the generic GRPO rollouts in ``shared_prefix``.
 
 ``shared_prefix`` drives ``model.model(input_ids=..., attention_mask=..., position_ids=...,
-past_key_values=..., use_cache=..., **extra)`` and ``model.get_output_embeddings()``. Kimi-Audio
+cache=..., use_cache=..., **extra)`` and ``model.get_output_embeddings()``. Kimi-Audio
 generates text in the text stream while its audio stream holds ``text_blank``, so this view takes
 the text-stream ids as ``input_ids`` and fills the audio stream with blanks, except on the prompt,
 whose audio stream, continuous mask and Whisper vectors come in as per-row ``extra`` tensors
@@ -34,7 +34,7 @@ class _TextStreamDecoder(nn.Module):
         self.lm = lm
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False,
+                position_ids: torch.Tensor | None = None, cache=None, use_cache: bool = False,
                 audio_ids: torch.Tensor | None = None, is_continuous_mask: torch.Tensor | None = None,
                 whisper_features: torch.Tensor | None = None) -> BaseModelOutputWithPast:
         """Text ids ``[B, T]`` (+ prompt audio ids / continuous mask ``[B, P<=T]``, vectors ``[B, Smax, D]``)."""
@@ -52,8 +52,8 @@ class _TextStreamDecoder(nn.Module):
             counts = cont.sum(dim=1).tolist()
             feats = torch.cat([whisper_features[b, :n] for b, n in enumerate(counts)], dim=0)  # [S, D]
         embeds = self.lm.model.embed(audio, input_ids, cont, feats)
-        hidden, _, cache = self.lm.model(embeds, attention_mask, position_ids, past_key_values, use_cache)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
+        hidden, _, cache = self.lm.model(embeds, attention_mask, position_ids, cache, use_cache)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache)
 
 
 class TextStreamView(nn.Module):

@@ -92,20 +92,20 @@ class KimiAudioTrunk(nn.Module):
 
     def forward(
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None, past_key_values: Cache | None = None, use_cache: bool = False,
+        position_ids: torch.Tensor | None = None, cache: Cache | None = None, use_cache: bool = False,
         run_mimo: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, Cache | None]:
         """``[B, T, H]`` embeddings -> (normed trunk states ``[B, T, H]``, normed MIMO states or None, cache)."""
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
+        if use_cache and cache is None:
+            cache = DynamicCache()
         if position_ids is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past)[None]
         mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  past_key_values=past_key_values, position_ids=position_ids)
+                                  cache=cache, position_ids=position_ids)
         rope = self.rotary_emb(inputs_embeds, position_ids)
-        kwargs = dict(attention_mask=mask, position_ids=position_ids, past_key_values=past_key_values,
-                      use_cache=use_cache, position_embeddings=rope)
+        kwargs = dict(attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=use_cache,
+                      position_embeddings=rope)
         hidden, mimo = inputs_embeds, None
         fork = self.config.kimia_mimo_transformer_from_layer_index
         for i, layer in enumerate(self.layers):
@@ -116,19 +116,19 @@ class KimiAudioTrunk(nn.Module):
             for layer in self.mimo_layers:
                 mimo = layer(mimo, **kwargs)
             mimo = self.mimo_norm(mimo)
-        return self.norm(hidden), mimo, past_key_values
+        return self.norm(hidden), mimo, cache
 
 
 @dataclass
 class KimiAudioOutput(ModelOutput):
     """``loss`` (text CE), ``logits`` (text, ``[B, T, V]`` or None), ``audio_logits`` (MIMO, when asked),
-    ``hidden_states`` (normed trunk ``[B, T, H]``) and ``past_key_values``."""
+    ``hidden_states`` (normed trunk ``[B, T, H]``) and ``cache`` (transformers' name for the KV cache since 5.24)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     audio_logits: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
 
 
 class KimiAudioForCausalLM(PreTrainedModel):
@@ -156,7 +156,7 @@ class KimiAudioForCausalLM(PreTrainedModel):
     def forward(
         self, input_ids: torch.Tensor, text_input_ids: torch.Tensor, is_continuous_mask: torch.Tensor | None = None,
         whisper_features: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None, past_key_values: Cache | None = None, use_cache: bool = False,
+        position_ids: torch.Tensor | None = None, cache: Cache | None = None, use_cache: bool = False,
         labels: torch.Tensor | None = None, output_audio_logits: bool = False, **_: object,
     ) -> KimiAudioOutput:
         """Two streams ``[B, T]`` (+ Whisper features ``[S, D]``) -> text loss/logits, optionally audio logits.
@@ -166,7 +166,7 @@ class KimiAudioForCausalLM(PreTrainedModel):
         ``logits`` is None (the 168k-wide logits of every position would dominate memory).
         """
         embeds = self.model.embed(input_ids, text_input_ids, is_continuous_mask, whisper_features)
-        hidden, mimo, cache = self.model(embeds, attention_mask, position_ids, past_key_values, use_cache,
+        hidden, mimo, cache = self.model(embeds, attention_mask, position_ids, cache, use_cache,
                                          run_mimo=output_audio_logits)
         loss = logits = None
         if labels is not None:
@@ -175,7 +175,7 @@ class KimiAudioForCausalLM(PreTrainedModel):
             logits = self.lm_head(hidden)
         audio_logits = self.mimo_output(mimo) if mimo is not None else None
         return KimiAudioOutput(loss=loss, logits=logits, audio_logits=audio_logits, hidden_states=hidden,
-                               past_key_values=cache)
+                               cache=cache)
 
 
 def text_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
