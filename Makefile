@@ -12,6 +12,7 @@ LOCK_VENV   ?= .cache/venv-lock
 DEMO_DIR    ?= runs/demo
 DATA_DIR    ?= data/demo
 PYTEST_ARGS ?=
+DEMO_ARGS   ?=
 
 export PYTHONPATH := $(CURDIR)
 export WANDB_MODE ?= offline
@@ -60,7 +61,7 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pytest -m "not slow and not lockfile" $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m aqa.demo --out $(DEMO_DIR) --data $(DATA_DIR)
+	$(PY) -m aqa.demo --out $(DEMO_DIR) --data $(DATA_DIR) $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
