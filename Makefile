@@ -61,7 +61,7 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pytest -m "not slow and not lockfile" $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m aqa.demo --out $(DEMO_DIR) --data $(DATA_DIR) $(DEMO_ARGS)
+	$(PY) -m demo --out $(DEMO_DIR) --data $(DATA_DIR) $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

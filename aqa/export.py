@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from aqa.backbones.kimi_audio.config import MODEL_TYPE as KIMI_MODEL_TYPE
-from aqa.lora import ADAPTER_CONFIG, AdapterError, load_adapter, merge_lora
+from aqa.backbones.lora import ADAPTER_CONFIG, AdapterError, load_adapter, merge_lora
 
 # config.json model_type -> backbone name, where the two differ (the release's name is not ours to change)
 BACKBONE_OF_MODEL_TYPE = {KIMI_MODEL_TYPE: "kimi_audio"}

@@ -13,8 +13,8 @@ import argparse
 import time
 
 from aqa.config import load_config
-from aqa.ensemble import fit, fused_log_probs, member_log_probs, simulate_members, system_metrics
-from aqa.ensemble_run import EnsembleConfig
+from aqa.ensemble.fusion import fit, fused_log_probs, member_log_probs, simulate_members, system_metrics
+from aqa.ensemble.run import EnsembleConfig
 
 
 def main() -> None:

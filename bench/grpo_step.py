@@ -34,10 +34,10 @@ from tqdm.auto import tqdm
 
 from aqa.backbones import shared_prefix as sp
 from aqa.backbones.base import SamplingConfig
+from aqa.backbones.lora import LoraConfig, apply_lora
 from aqa.backbones.qwen2_audio import Qwen2AudioBackbone, eval_mode, unwrap
 from aqa.config import load_config
 from aqa.data.example import Example
-from aqa.lora import LoraConfig, apply_lora
 from aqa.rl.advantages import group_advantages
 from aqa.rl.loss import grpo_loss
 from aqa.rl.rewards import compute_rewards

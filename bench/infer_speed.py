@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from aqa.answer_parsing import parse_answer
 from aqa.backbones.qwen2_audio import Qwen2AudioBackbone
 from aqa.config import load_config
 from aqa.data.example import Example
-from aqa.inference import InferConfig
-from aqa.scoring import option_orders
+from aqa.eval.orders import option_orders
+from aqa.eval.predict import InferConfig
+from aqa.rl.answer_parsing import parse_answer
 from aqa.tiny import TinyQwen2AudioSpec, build_tiny_qwen2_audio
 
 WORDS = ["dog bark", "siren", "rain", "church bell", "humpback whale", "door knock", "car horn", "thunder"]

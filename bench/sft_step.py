@@ -24,12 +24,15 @@ import time
 import numpy as np
 import torch
 
-from aqa import distributed, sft
+from aqa.backbones.lora import LoraConfig, apply_lora
 from aqa.backbones.qwen2_audio import Qwen2AudioBackbone, audio_token_count
-from aqa.checkpoint import TrainState
 from aqa.config import load_config
 from aqa.data.example import Example
-from aqa.lora import LoraConfig, apply_lora
+from aqa.runtime import distributed
+from aqa.runtime.checkpoint import TrainState
+from aqa.runtime.engine import build_engine, model_dtype, resolve_precision
+from aqa.sft.config import load_sft_config
+from aqa.sft.step import optimizer_step
 from aqa.tiny import TinyQwen2AudioSpec, build_tiny_qwen2_audio
 
 SEVEN_B = ["hidden_size=4096", "num_hidden_layers=32", "num_attention_heads=32", "num_key_value_heads=32",
@@ -55,8 +58,8 @@ def main(argv: list[str] | None = None) -> None:
 
     info = distributed.init()
     distributed.set_cpu_threads(info)
-    precision = sft.resolve_precision("auto", info.device)
-    dtype = sft.model_dtype(precision)
+    precision = resolve_precision("auto", info.device)
+    dtype = model_dtype(precision)
     spec = load_config(TinyQwen2AudioSpec, None, (SEVEN_B if args.seven_b else []) + args.spec)
     torch.manual_seed(0)
     model, processor = build_tiny_qwen2_audio(spec, seed=0, device=info.device, dtype=dtype)
@@ -66,10 +69,11 @@ def main(argv: list[str] | None = None) -> None:
     n_lm = count(model.model.language_model) + model.lm_head.weight.numel()
     n_audio = count(model.model.audio_tower) + count(model.model.multi_modal_projector)
     peft_model = apply_lora(backbone, LoraConfig(r=8, alpha=16, dropout=0.05))
-    cfg = sft.load_sft_config(None, ["model_path=unused", "data_dir=unused", "output_dir=unused",
+    cfg = load_sft_config(None, ["model_path=unused", "data_dir=unused", "output_dir=unused",
                                      f"batch.global_size={args.batch * info.world_size}",
                                      f"batch.micro_size={args.batch}"])
-    engine, _, _ = sft.build_engine(peft_model, cfg, info.world_size, precision, total=args.steps + args.warmup)
+    engine, _, _ = build_engine(peft_model, cfg.deepspeed_config, cfg.batch, cfg.optim, info.world_size, precision,
+                                total=args.steps + args.warmup)
 
     # one batch of full-window clips, reused every step: [B] questions, [B, 128, 100 * chunk_seconds] log-mels
     rng = np.random.default_rng(info.rank)
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     state = TrainState()
 
     def step() -> None:
-        sft.optimizer_step(engine, backbone, stream, 1, state, "stop", None, info.device, dtype)
+        optimizer_step(engine, backbone, stream, 1, state, "stop", None, info.device, dtype)
 
     for _ in range(args.warmup):
         step()

@@ -6,7 +6,7 @@
 Members come from the config unless --dev names them (then --eval and --names, in the same order, replace
 the config's too); --out replaces ``out``. key=value overrides reach the rest (``fit.steps=200``).
 Writes DIR/ensemble.json, dev.jsonl, eval.jsonl, metrics.json, submission.csv and PNG plots, and prints
-the members, the baselines and the fitted ensemble side by side. All logic lives in aqa.ensemble_run.
+the members, the baselines and the fitted ensemble side by side. All logic lives in aqa.ensemble.run.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import re
 import sys
 
 from aqa.config import load_config
-from aqa.ensemble_run import EnsembleConfig, format_table, members_from_paths, run_ensemble
+from aqa.ensemble.run import EnsembleConfig, format_table, members_from_paths, run_ensemble
 
 # A key=value override looks like ``fit.lr=0.1``; a path such as ``runs/x=1.jsonl`` does not (it has a "/").
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")

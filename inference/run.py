@@ -3,7 +3,7 @@
     python inference/run.py --config configs/qwen2_audio/infer.yaml --split dev|eval [key=value ...]
 
 Writes <output_dir>/<split>/predictions.jsonl, submission.csv and (with answers) metrics.json; a rerun
-skips questions already scored. All logic lives in aqa.inference.
+skips questions already scored. All logic lives in aqa.eval.predict.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from aqa.config import load_config
-from aqa.inference import InferConfig, format_metrics, run_inference
+from aqa.eval.predict import InferConfig, format_metrics, run_inference
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from aqa.distributed import free_port
+from aqa.runtime.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from aqa.answer_parsing import is_bare_answer, normalize, parse_answer, strip_letter_prefix
+from aqa.rl.answer_parsing import is_bare_answer, normalize, parse_answer, strip_letter_prefix
 
 CHOICES = ["dog bark", "dog", "siren", "A. rain"]
 

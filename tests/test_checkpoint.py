@@ -1,4 +1,4 @@
-"""aqa.checkpoint: RNG capture/restore, the JSON train state, finding checkpoints to resume, weights-only loading."""
+"""aqa.runtime.checkpoint: RNG capture/restore, the JSON train state, finding checkpoints to resume, weights-only loading."""
 
 import json
 import random
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from aqa import checkpoint as ckpt
+from aqa.runtime import checkpoint as ckpt
 
 
 def _draws():

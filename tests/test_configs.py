@@ -14,13 +14,13 @@ def config_class(command: str):
     """The dataclass of the script named in a config's first line."""
     from aqa.data.synth import SynthConfig
     from aqa.data.temporal_qa import TemporalQAConfig
-    from aqa.ensemble_run import EnsembleConfig
-    from aqa.grpo import GRPOConfig
-    from aqa.inference import InferConfig
+    from aqa.ensemble.run import EnsembleConfig
+    from aqa.eval.predict import InferConfig
+    from aqa.grpo.config import GRPOConfig
     from aqa.sed.annotate import SedEventsConfig
     from aqa.sed.calibrate import CalibrateConfig
     from aqa.sed.train import SedTrainConfig
-    from aqa.sft import SFTConfig
+    from aqa.sft.config import SFTConfig
 
     table = {
         "train/sft.py": SFTConfig, "train/grpo.py": GRPOConfig, "train/sed.py": SedTrainConfig,

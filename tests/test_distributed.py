@@ -1,4 +1,4 @@
-"""aqa.distributed: environment parsing, the launcher argument, and the collectives over a real 2-process gloo group."""
+"""aqa.runtime.distributed: environment parsing, the launcher argument, and the collectives over a real 2-process gloo group."""
 
 import argparse
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aqa import distributed
+from aqa.runtime import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ WORKER = r"""
 import json, sys, time
 from pathlib import Path
 import torch
-from aqa import distributed
+from aqa.runtime import distributed
 info = distributed.init(use_deepspeed=False)
 r = info.rank
 out = {"rank": r, "world": info.world_size, "backend": info.backend, "main": info.is_main}

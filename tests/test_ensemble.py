@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from aqa.config import ConfigError, load_config
-from aqa.ensemble import (
+from aqa.ensemble.fusion import (
     Aligned,
     align,
     fit,
@@ -29,7 +29,7 @@ from aqa.ensemble import (
     simulate_members,
     system_metrics,
 )
-from aqa.ensemble_run import EnsembleConfig, FitConfig, MemberSpec, format_table, report_entry, run_ensemble
+from aqa.ensemble.run import EnsembleConfig, FitConfig, MemberSpec, format_table, report_entry, run_ensemble
 from ensemble.fit import main as fit_main
 
 ROOT = Path(__file__).resolve().parents[1]

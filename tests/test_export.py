@@ -10,9 +10,9 @@ import torch
 from safetensors import safe_open
 
 from aqa.backbones import get_backbone
+from aqa.backbones.lora import AdapterError, LoraConfig, apply_lora
 from aqa.data.example import Example
 from aqa.export import export_merged
-from aqa.lora import AdapterError, LoraConfig, apply_lora
 from aqa.tiny import TinyQwen2AudioSpec, write_tiny_qwen2_audio
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,22 +7,24 @@ import numpy as np
 import pytest
 import torch
 
-from aqa import grpo
 from aqa.backbones import get_backbone
 from aqa.backbones.base import SamplingConfig
-from aqa.checkpoint import save_adapter
+from aqa.backbones.lora import AdapterError, LoraConfig, apply_lora
 from aqa.config import ConfigError
 from aqa.data.example import Example
-from aqa.grpo_policy import (
+from aqa.grpo.config import GRPOSection, crossed, engine_batch, load_grpo_config, total_rounds
+from aqa.grpo.policy import (
     grpo_adapter_config,
     peft_model,
     policy_from_sft,
     reference,
     save_stacked_adapter,
 )
-from aqa.lora import AdapterError, LoraConfig, apply_lora
+from aqa.grpo.rollout import Group, is_noop_round, sample_group, score_groups
+from aqa.grpo.step import group_loss, rollout_metrics
 from aqa.rl.advantages import Advantages
-from aqa.sft import deepspeed_config
+from aqa.runtime.checkpoint import save_adapter
+from aqa.runtime.engine import deepspeed_config
 from aqa.tiny import TinyQwen2AudioSpec, write_tiny_qwen2_audio
 
 REQUIRED = ["model_path=m", "sft_adapter=a", "data_dir=d", "output_dir=o"]
@@ -70,12 +72,12 @@ def _answer_logits(bb, model, examples):
 # -- configs ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", ["configs/qwen2_audio/grpo.yaml", "configs/demo/qwen2_audio_grpo.yaml"])
 def test_shipped_configs_load(path):
-    cfg = grpo.load_grpo_config(path)
+    cfg = load_grpo_config(path)
     assert cfg.grpo.num_generations >= 2 and cfg.grpo.rewards["accuracy"] > 0
 
 
 def test_report_recipe_values():
-    cfg = grpo.load_grpo_config("configs/qwen2_audio/grpo.yaml")
+    cfg = load_grpo_config("configs/qwen2_audio/grpo.yaml")
     assert (cfg.optim.lr, cfg.epochs, cfg.batch.per_device, cfg.batch.gradient_accumulation) == (5e-6, 3, 8, 5)
     assert (cfg.grpo.num_generations, cfg.grpo.epsilon, cfg.grpo.beta) == (6, 0.2, 0.1)
     assert cfg.augment.shuffle_options.p == 1.0  # option order shuffled per group
@@ -90,33 +92,33 @@ def test_report_recipe_values():
 ])
 def test_bad_config_fails_at_start(override, match):
     with pytest.raises(ConfigError, match=match):
-        grpo.load_grpo_config(None, REQUIRED + [override])
+        load_grpo_config(None, REQUIRED + [override])
 
 
 def test_deepspeed_geometry_from_per_device_and_accumulation():
-    cfg = grpo.load_grpo_config("configs/qwen2_audio/grpo.yaml")
-    ds = deepspeed_config(cfg.deepspeed_config, grpo.deepspeed_view(cfg, world_size=8), 8, "bf16")
+    cfg = load_grpo_config("configs/qwen2_audio/grpo.yaml")
+    ds = deepspeed_config(cfg.deepspeed_config, engine_batch(cfg, world_size=8), cfg.optim, 8, "bf16")
     assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 5
     assert ds["train_batch_size"] == 8 * 5 * 8
 
 
 def test_rounds_and_crossing():
-    cfg = grpo.load_grpo_config(None, REQUIRED + ["epochs=2", "batch.gradient_accumulation=3"])
-    assert grpo.total_rounds(cfg, micro_per_epoch=10) == 7  # ceil(2 * 10 / 3)
-    cfg = grpo.load_grpo_config(None, REQUIRED + ["max_steps=7", "grpo.num_iterations=2"])
-    assert grpo.total_rounds(cfg, micro_per_epoch=10) == 4
-    assert grpo.crossed(10, 1, 5) and not grpo.crossed(9, 1, 5)
-    assert grpo.crossed(11, 2, 5)  # 9 -> 11 passes 10 although 11 % 5 != 0
-    assert not grpo.crossed(10, 1, 0)
+    cfg = load_grpo_config(None, REQUIRED + ["epochs=2", "batch.gradient_accumulation=3"])
+    assert total_rounds(cfg, micro_per_epoch=10) == 7  # ceil(2 * 10 / 3)
+    cfg = load_grpo_config(None, REQUIRED + ["max_steps=7", "grpo.num_iterations=2"])
+    assert total_rounds(cfg, micro_per_epoch=10) == 4
+    assert crossed(10, 1, 5) and not crossed(9, 1, 5)
+    assert crossed(11, 2, 5)  # 9 -> 11 passes 10 although 11 % 5 != 0
+    assert not crossed(10, 1, 0)
 
 
 def test_noop_round_needs_every_group_flat():
     def group(frac):
         adv = Advantages(torch.zeros(1, 2), torch.tensor([frac == 1.0]), 0.0, 0.0, frac)
-        return grpo.Group(rollout=None, rewards=torch.zeros(1, 2), parts={}, adv=adv)
+        return Group(rollout=None, rewards=torch.zeros(1, 2), parts={}, adv=adv)
 
-    assert grpo.is_noop_round([group(1.0), group(1.0)])
-    assert not grpo.is_noop_round([group(1.0), group(0.5)])
+    assert is_noop_round([group(1.0), group(1.0)])
+    assert not is_noop_round([group(1.0), group(0.5)])
 
 
 # -- policy, reference, export -------------------------------------------------------------------------------
@@ -173,23 +175,23 @@ def test_one_group_samples_scores_and_gives_a_finite_loss_with_lora_gradients(ti
     bb = get_backbone("qwen2_audio").from_pretrained(tiny_dir)
     policy = policy_from_sft(bb, sft_dir, LoraConfig(r=2, alpha=4, dropout=0.0))
     _randomize_lora(policy, seed=3)
-    section = grpo.GRPOSection(num_generations=4, num_iterations=2, rewards={"accuracy": 1.0, "format": 0.5},
+    section = GRPOSection(num_generations=4, num_iterations=2, rewards={"accuracy": 1.0, "format": 0.5},
                                sampling=SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=3))
     examples = _examples(bb)
     torch.manual_seed(0)
-    group = grpo.sample_group(bb, policy, examples, section)
+    group = sample_group(bb, policy, examples, section)
     B, G, T = group.rollout.completion_ids.shape
     assert (B, G) == (3, 4) and group.rewards.shape == (3, 4) and group.adv.values.shape == (3, 4)
-    grpo.score_groups(bb, policy, [group], section)
+    score_groups(bb, policy, [group], section)
     assert group.ref_logp.shape == (B, G, T) and group.old_logp.shape == (B, G, T)
     mask = group.rollout.completion_mask.bool()
     assert not torch.allclose(group.ref_logp[mask], group.old_logp[mask])  # reference != policy
     group.adv.values = torch.tensor([[1.0, -1.0, 0.5, -0.5]] * 3)  # a random model rarely earns reward
-    loss, stats = grpo.group_loss(bb, policy, group, section)
+    loss, stats = group_loss(bb, policy, group, section)
     assert torch.isfinite(loss) and stats.kl > 0 and stats.clip_frac == 0.0
     loss.backward()
     grads = {n: p.grad for n, p in peft_model(policy).named_parameters() if p.requires_grad}
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads.values())
     assert any(g.abs().sum() > 0 for g in grads.values())
-    metrics = grpo.rollout_metrics([group])
+    metrics = rollout_metrics([group])
     assert set(metrics) >= {"reward_mean", "reward_std", "zero_std_frac", "completion_len", "reward_accuracy"}

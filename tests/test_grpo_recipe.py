@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from aqa.backbones import get_backbone
-from aqa.checkpoint import save_adapter
-from aqa.distributed import free_port
-from aqa.lora import LoraConfig, apply_lora
+from aqa.backbones.lora import LoraConfig, apply_lora
+from aqa.runtime.checkpoint import save_adapter
+from aqa.runtime.distributed import free_port
 from aqa.tiny import IM_END, build_tiny_qwen2_audio
 
 ROOT = Path(__file__).resolve().parents[1]

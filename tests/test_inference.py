@@ -11,7 +11,7 @@ import torch
 
 from aqa.config import ConfigError, load_config
 from aqa.data.manifest import Record, write_dataset_info, write_jsonl
-from aqa.inference import InferConfig, compute_metrics, run_inference
+from aqa.eval.predict import InferConfig, compute_metrics, run_inference
 from aqa.tiny import write_tiny_qwen2_audio
 
 ROOT = Path(__file__).resolve().parents[1]

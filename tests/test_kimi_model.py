@@ -18,8 +18,8 @@ from aqa.backbones.kimi_audio.decoder_view import TextStreamView
 from aqa.backbones.kimi_audio.glm_tokenizer import GlmSpeechTokenizer
 from aqa.backbones.kimi_audio.tiny import write_tiny_kimi_audio
 from aqa.backbones.kimi_audio.weights import CheckpointError
+from aqa.backbones.lora import LoraConfig, apply_lora
 from aqa.data.example import Example
-from aqa.lora import LoraConfig, apply_lora
 
 
 @pytest.fixture(scope="module")

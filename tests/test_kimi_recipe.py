@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from aqa.config import load_config
-from aqa.grpo import load_grpo_config
-from aqa.inference import InferConfig
-from aqa.logging import read_metrics
-from aqa.sft import load_sft_config
+from aqa.eval.predict import InferConfig
+from aqa.grpo.config import load_grpo_config
+from aqa.runtime.logging import read_metrics
+from aqa.sft.config import load_sft_config
 from tests.recipe_utils import ROOT, deepspeed, python, synth_data
 
 SFT_CONFIG = "configs/demo/kimi_audio_sft.yaml"
@@ -153,12 +153,12 @@ def test_inference_on_dev_writes_predictions_metrics_and_submission(dev_predicti
 @pytest.mark.slow
 def test_export_merges_without_naming_the_backbone(sft_run, dev_predictions, assets, tmp_path):
     from aqa.backbones import get_backbone
+    from aqa.backbones.lora import load_adapter
     from aqa.data.cache import build_feature_cache
     from aqa.data.dataset import QADataset
     from aqa.data.manifest import load_manifest
     from aqa.export import backbone_name_for
     from aqa.export import main as export
-    from aqa.lora import load_adapter
 
     assert backbone_name_for(assets["model"]) == "kimi_audio"  # config.json says model_type moonshot_kimia
     export(["--adapter", str(sft_run / "adapter"), "--out", str(tmp_path / "merged")])  # no --backbone

@@ -1,10 +1,17 @@
-"""aqa.logging: metrics.jsonl rows, silence off rank 0, truncation on resume, W&B offline, console lines."""
+"""aqa.runtime.logging: metrics.jsonl rows, silence off rank 0, truncation on resume, W&B offline, console lines."""
 
 import json
 
 import pytest
 
-from aqa.logging import METRICS_FILE, WANDB_ID_FILE, RunLogger, format_line, read_metrics, truncate_metrics
+from aqa.runtime.logging import (
+    METRICS_FILE,
+    WANDB_ID_FILE,
+    RunLogger,
+    format_line,
+    read_metrics,
+    truncate_metrics,
+)
 
 
 def test_rows_go_to_metrics_jsonl_and_the_console(tmp_path, capsys):

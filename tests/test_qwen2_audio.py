@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from aqa.backbones import get_backbone
+from aqa.backbones.lora import AdapterError, LoraConfig, apply_lora, load_adapter, merge_lora
 from aqa.data.example import Example
 from aqa.data.prompts import PromptConfig
-from aqa.lora import AdapterError, LoraConfig, apply_lora, load_adapter, merge_lora
 from aqa.tiny import SPECIAL_TOKENS, TinyQwen2AudioSpec, write_tiny_qwen2_audio
 
 

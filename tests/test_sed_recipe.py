@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aqa.distributed import free_port
-from aqa.logging import read_metrics
+from aqa.runtime.distributed import free_port
+from aqa.runtime.logging import read_metrics
 from aqa.sed.weights import load_sed_dir
 
 pytestmark = pytest.mark.slow

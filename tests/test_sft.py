@@ -9,29 +9,46 @@ import numpy as np
 import pytest
 import torch
 
-from aqa import distributed, sft
-from aqa.checkpoint import TrainState
 from aqa.config import ConfigError
 from aqa.data.dataset import ShardedSampler
+from aqa.eval.dev import evaluate
+from aqa.runtime import distributed
+from aqa.runtime.checkpoint import TrainState
+from aqa.runtime.engine import (
+    accumulation_steps,
+    build_engine,
+    build_optimizer,
+    cosine_with_warmup,
+    deepspeed_config,
+    model_dtype,
+    resolve_precision,
+    total_steps,
+    warmup_steps,
+)
+from aqa.runtime.loaders import micro_batches, micro_batches_per_epoch, move_batch, train_loader
+from aqa.runtime.nonfinite import NonFiniteLoss, check_loss
+from aqa.runtime.setup import check_run_dir, require_answers
+from aqa.sft.config import load_sft_config
+from aqa.sft.step import optimizer_step
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO2 = ROOT / "configs" / "deepspeed" / "zero2.json"
 
 
 def _cfg(*overrides):
-    return sft.load_sft_config(None, ["model_path=m", "data_dir=d", "output_dir=o", f"deepspeed_config={ZERO2}",
+    return load_sft_config(None, ["model_path=m", "data_dir=d", "output_dir=o", f"deepspeed_config={ZERO2}",
                                       *overrides])
 
 
 def test_accumulation_splits_the_global_batch():
-    assert sft.accumulation_steps(32, 4, 8) == 1  # the report: 8 GPUs x 4
-    assert sft.accumulation_steps(32, 2, 2) == 8
+    assert accumulation_steps(32, 4, 8) == 1  # the report: 8 GPUs x 4
+    assert accumulation_steps(32, 2, 2) == 8
     with pytest.raises(ConfigError, match="multiple of"):
-        sft.accumulation_steps(30, 4, 2)
+        accumulation_steps(30, 4, 2)
 
 
 def test_cosine_with_warmup_by_hand():
-    f = sft.cosine_with_warmup
+    f = cosine_with_warmup
     assert [f(s, 2, 10) for s in (0, 1, 2)] == pytest.approx([1 / 3, 2 / 3, 1.0])
     assert f(6, 2, 10) == pytest.approx(0.5)  # half way through the cosine
     assert f(10, 2, 10) == pytest.approx(0.0)
@@ -44,27 +61,27 @@ def test_optimizer_and_schedule_follow_the_optim_section():
     model = torch.nn.Linear(2, 2)
     model.bias.requires_grad_(False)
     cfg = _cfg("optim.lr=0.1", "optim.warmup_steps=1", "optim.weight_decay=0.01").optim
-    optimizer, scheduler = sft.build_optimizer(model, cfg, total=5)
+    optimizer, scheduler = build_optimizer(model, cfg, total=5)
     assert [p.shape for p in optimizer.param_groups[0]["params"]] == [model.weight.shape]  # frozen bias left out
     lrs = []
     for _ in range(5):
         lrs.append(scheduler.get_last_lr()[0])
         optimizer.step()
         scheduler.step()
-    expected = [0.1 * sft.cosine_with_warmup(s, 1, 5) for s in range(5)]
+    expected = [0.1 * cosine_with_warmup(s, 1, 5) for s in range(5)]
     assert lrs == pytest.approx(expected)
     model.weight.requires_grad_(False)
     with pytest.raises(ValueError, match="LoRA was not applied"):
-        sft.build_optimizer(model, cfg, total=5)
+        build_optimizer(model, cfg, total=5)
 
 
 def test_total_steps_from_epochs_or_max_steps():
-    assert sft.total_steps(_cfg("epochs=8"), micro_per_epoch=10, accumulation=2) == 40
-    assert sft.total_steps(_cfg("epochs=0.5"), micro_per_epoch=10, accumulation=2) == 3
-    assert sft.total_steps(_cfg("epochs=8", "max_steps=7"), micro_per_epoch=10, accumulation=2) == 7
-    assert sft.micro_batches_per_epoch(ShardedSampler(10, rank=1, world_size=2), 2) == 3
-    assert sft.warmup_steps(_cfg("optim.warmup_ratio=0.1").optim, 40) == 4
-    assert sft.warmup_steps(_cfg("optim.warmup_ratio=0.1", "optim.warmup_steps=7").optim, 40) == 7
+    assert total_steps(_cfg("epochs=8"), micro_per_epoch=10, accumulation=2) == 40
+    assert total_steps(_cfg("epochs=0.5"), micro_per_epoch=10, accumulation=2) == 3
+    assert total_steps(_cfg("epochs=8", "max_steps=7"), micro_per_epoch=10, accumulation=2) == 7
+    assert micro_batches_per_epoch(ShardedSampler(10, rank=1, world_size=2), 2) == 3
+    assert warmup_steps(_cfg("optim.warmup_ratio=0.1").optim, 40) == 4
+    assert warmup_steps(_cfg("optim.warmup_ratio=0.1", "optim.warmup_steps=7").optim, 40) == 7
 
 
 def test_config_checks_fail_at_start_with_the_key():
@@ -78,48 +95,52 @@ def test_config_checks_fail_at_start_with_the_key():
         _cfg("nonfinite_loss=ignore")
 
 
+def _ds_config(path, cfg, world_size, precision):
+    return deepspeed_config(path, cfg.batch, cfg.optim, world_size, precision)
+
+
 def test_deepspeed_config_is_filled_from_the_recipe(tmp_path):
-    ds = sft.deepspeed_config(ZERO2, _cfg("batch.global_size=32", "batch.micro_size=4", "optim.grad_clip=0.5"),
+    ds = _ds_config(ZERO2, _cfg("batch.global_size=32", "batch.micro_size=4", "optim.grad_clip=0.5"),
                               world_size=8, precision="bf16")
     assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 1 and ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is True and ds["zero_optimization"]["stage"] == 2
     assert "auto" not in str(ds)
-    fp32 = sft.deepspeed_config(ZERO2, _cfg("batch.global_size=8", "batch.micro_size=2"), 2, "fp32")
+    fp32 = _ds_config(ZERO2, _cfg("batch.global_size=8", "batch.micro_size=2"), 2, "fp32")
     assert fp32["bf16"]["enabled"] is False and fp32["gradient_accumulation_steps"] == 2
 
     fixed = tmp_path / "fixed.json"
     fixed.write_text('{"train_batch_size": 64, "zero_optimization": {"stage": 2}}')
     with pytest.raises(ConfigError, match="write \"auto\""):
-        sft.deepspeed_config(fixed, _cfg("batch.global_size=32"), 8, "bf16")
+        _ds_config(fixed, _cfg("batch.global_size=32"), 8, "bf16")
     with_opt = tmp_path / "opt.json"
     with_opt.write_text('{"optimizer": {"type": "AdamW"}}')
     with pytest.raises(ConfigError, match="optim section"):
-        sft.deepspeed_config(with_opt, _cfg(), 1, "fp32")
+        _ds_config(with_opt, _cfg(), 1, "fp32")
     with pytest.raises(ConfigError, match="does not exist"):
-        sft.deepspeed_config(tmp_path / "none.json", _cfg(), 1, "fp32")
+        _ds_config(tmp_path / "none.json", _cfg(), 1, "fp32")
 
 
 def test_the_shipped_configs_load():
-    report = sft.load_sft_config(ROOT / "configs" / "qwen2_audio" / "sft.yaml")
+    report = load_sft_config(ROOT / "configs" / "qwen2_audio" / "sft.yaml")
     assert report.optim.lr == 5e-5 and report.epochs == 8 and report.batch.global_size == 32
     assert report.lora.r == 8 and report.precision in ("auto", "bf16") and not report.lora.include_audio
-    assert sft.accumulation_steps(report.batch.global_size, report.batch.micro_size, 8) >= 1
+    assert accumulation_steps(report.batch.global_size, report.batch.micro_size, 8) >= 1
     assert Path(ROOT / report.deepspeed_config).name == "zero2.json"
-    demo = sft.load_sft_config(ROOT / "configs" / "demo" / "qwen2_audio_sft.yaml",
+    demo = load_sft_config(ROOT / "configs" / "demo" / "qwen2_audio_sft.yaml",
                                ["output_dir=elsewhere", "max_steps=3", "model_path=tiny"])
     assert (demo.output_dir, demo.max_steps, demo.model_path) == ("elsewhere", 3, "tiny")
-    sft.accumulation_steps(demo.batch.global_size, demo.batch.micro_size, 2)  # the demo runs on 2 ranks
+    accumulation_steps(demo.batch.global_size, demo.batch.micro_size, 2)  # the demo runs on 2 ranks
 
 
 def test_precision_and_batch_moves():
-    assert sft.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
     if not torch.cuda.is_available():
-        assert sft.resolve_precision("auto", torch.device("cpu")) == "fp32"
+        assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     with pytest.raises(ConfigError, match="needs a GPU"):
-        sft.resolve_precision("bf16", torch.device("cpu"))
+        resolve_precision("bf16", torch.device("cpu"))
     batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "input_features": torch.ones(2, 4)}
-    moved = sft.move_batch(batch, torch.device("cpu"), torch.bfloat16)
+    moved = move_batch(batch, torch.device("cpu"), torch.bfloat16)
     assert moved["input_ids"].dtype == torch.long and moved["input_features"].dtype == torch.bfloat16
 
 
@@ -139,8 +160,8 @@ class Items(torch.utils.data.Dataset):
 
 def _stream(state, n=10, micro=4, rank=0, world=1):
     sampler = ShardedSampler(n, rank=rank, world_size=world, seed=3)
-    loader = sft.train_loader(Items(n), sampler, micro, 0, list)
-    return sft.micro_batches(loader, sampler, state)
+    loader = train_loader(Items(n), sampler, micro, 0, list)
+    return micro_batches(loader, sampler, state)
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -161,28 +182,28 @@ def test_micro_batch_stream_resumes_exactly_at_any_cut(world):
 
 def test_check_loss_policies_without_a_process_group():
     finite, nan = torch.tensor(1.5), torch.tensor(float("nan"))
-    assert sft.check_loss(finite, ["a"], "stop", 0, None, 0) is False
-    assert sft.check_loss(torch.tensor(float("inf")), ["a"], "skip", 0, None, 0) is True
-    with pytest.raises(sft.NonFiniteLoss, match=r"step 5 on the batch \['q1', 'q2'\]"):
-        sft.check_loss(nan, ["q1", "q2"], "stop", 0, None, 4)
-    assert sft.check_loss(nan, ["q"], "skip", 1, 2, 0) is True
-    with pytest.raises(sft.NonFiniteLoss, match="max_nonfinite=2"):
-        sft.check_loss(nan, ["q"], "skip", 2, 2, 0)
+    assert check_loss(finite, ["a"], "stop", 0, None, 0) is False
+    assert check_loss(torch.tensor(float("inf")), ["a"], "skip", 0, None, 0) is True
+    with pytest.raises(NonFiniteLoss, match=r"step 5 on the batch \['q1', 'q2'\]"):
+        check_loss(nan, ["q1", "q2"], "stop", 0, None, 4)
+    assert check_loss(nan, ["q"], "skip", 1, 2, 0) is True
+    with pytest.raises(NonFiniteLoss, match="max_nonfinite=2"):
+        check_loss(nan, ["q"], "skip", 2, 2, 0)
 
 
 def test_run_dir_and_answer_checks(tmp_path):
     from aqa.data.manifest import Manifest, Record
 
-    sft.check_run_dir(tmp_path, None, "none")  # empty dir: fine
+    check_run_dir(tmp_path, None, "none")  # empty dir: fine
     ck = tmp_path / "checkpoints" / "step_00000004"
     ck.mkdir(parents=True)
     (ck / "COMPLETE").write_text("4\n")
     with pytest.raises(ConfigError, match="resume=auto"):
-        sft.check_run_dir(tmp_path, None, "none")
+        check_run_dir(tmp_path, None, "none")
     records = [Record(id="e1", part="bqa", split="eval", audio="a.wav", question="q?", choices=["x", "y"],
                       answer=None)]
     with pytest.raises(ConfigError, match="e1"):
-        sft.require_answers(Manifest(path=tmp_path / "eval.jsonl", audio_root=tmp_path, records=records))
+        require_answers(Manifest(path=tmp_path / "eval.jsonl", audio_root=tmp_path, records=records))
 
 
 # -- one real engine --------------------------------------------------------------------------------------
@@ -227,18 +248,18 @@ def _lora(engine):
 
 def test_nonfinite_step_is_skipped_by_the_engine_and_finite_steps_train(tmp_path, one_rank_world):
     from aqa.backbones import get_backbone
-    from aqa.lora import apply_lora
+    from aqa.backbones.lora import apply_lora
     from aqa.tiny import write_tiny_qwen2_audio
 
     torch.manual_seed(0)
     device = one_rank_world.device
-    precision = sft.resolve_precision("auto", device)  # fp32 on CPU; on a GPU machine bf16, as the recipe runs
-    dtype = sft.model_dtype(precision)
+    precision = resolve_precision("auto", device)  # fp32 on CPU; on a GPU machine bf16, as the recipe runs
+    dtype = model_dtype(precision)
     backbone = get_backbone("qwen2_audio").from_pretrained(write_tiny_qwen2_audio(tmp_path / "tiny"), device=device,
                                                            dtype=dtype)
     cfg = _cfg("batch.global_size=2", "batch.micro_size=1", "optim.lr=0.01", "lora.dropout=0.0")
     model = apply_lora(backbone, cfg.lora)
-    engine, _, ds = sft.build_engine(model, cfg, 1, precision, total=10)
+    engine, _, ds = build_engine(model, cfg.deepspeed_config, cfg.batch, cfg.optim, 1, precision, total=10)
     assert ds["gradient_accumulation_steps"] == 2
     dev = _dataset(tmp_path, backbone)
     good = [dev[i] for i in range(len(dev))]
@@ -248,7 +269,7 @@ def test_nonfinite_step_is_skipped_by_the_engine_and_finite_steps_train(tmp_path
     state = TrainState()
 
     def step(batches, policy="skip"):
-        return sft.optimizer_step(engine, backbone, iter(batches), 2, state, policy, None, device, dtype)
+        return optimizer_step(engine, backbone, iter(batches), 2, state, policy, None, device, dtype)
 
     before = _lora(engine)
     stats = step([[good[1]], [broken]])  # one bad micro-batch in the window: the whole step is skipped
@@ -261,10 +282,10 @@ def test_nonfinite_step_is_skipped_by_the_engine_and_finite_steps_train(tmp_path
     trained = _lora(engine)
     assert all(torch.isfinite(v).all() for v in trained.values())
     assert any(not torch.equal(after_skip[k], trained[k]) for k in trained)
-    with pytest.raises(sft.NonFiniteLoss, match="broken"):
+    with pytest.raises(NonFiniteLoss, match="broken"):
         step([[broken], [good[0]]], policy="stop")
 
-    metrics = sft.evaluate(backbone, engine.module, dev, batch_size=3)
+    metrics = evaluate(backbone, engine.module, dev, batch_size=3)
     assert metrics["n"] == 4 and set(metrics) >= {"acc_bqa", "acc_cqa", "arithmetic_mean"}
     by_hand = [int(backbone.option_logits(engine.module, [ex])[0][0].argmax()) == ex.answer_index for ex in good]
     assert metrics["accuracy"] == pytest.approx(sum(by_hand) / 4)

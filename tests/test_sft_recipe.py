@@ -14,8 +14,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from aqa.distributed import free_port
-from aqa.logging import read_metrics
+from aqa.runtime.distributed import free_port
+from aqa.runtime.logging import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -11,9 +11,9 @@ from torch import nn
 
 from aqa.backbones import shared_prefix as sp
 from aqa.backbones.base import SamplingConfig
+from aqa.backbones.lora import LoraConfig, apply_lora
 from aqa.backbones.qwen2_audio import Qwen2AudioBackbone, unwrap
 from aqa.data.example import Example
-from aqa.lora import LoraConfig, apply_lora
 from aqa.rl.loss import grpo_loss
 from aqa.tiny import AUDIO, AUDIO_BOS, AUDIO_EOS, IM_START, TinyQwen2AudioSpec, build_tiny_qwen2_audio
 

@@ -227,7 +227,7 @@ def test_sft_data_path_builds_no_feature_cache_and_decodes_nothing(backbone, tmp
 
 
 def test_inference_scores_an_events_manifest_without_audio(tiny_dir, tmp_path):
-    from aqa.inference import InferConfig, run_inference
+    from aqa.eval.predict import InferConfig, run_inference
 
     _events_manifest(tmp_path / "data")
     for cache_dir in (None, str(tmp_path / "cache")):
@@ -243,9 +243,9 @@ def test_inference_scores_an_events_manifest_without_audio(tiny_dir, tmp_path):
 # -- configs ------------------------------------------------------------------------------------------------
 def test_cascade_configs_load_with_the_paper_lora_and_demo_paths():
     from aqa.config import load_config
-    from aqa.grpo import load_grpo_config
-    from aqa.inference import InferConfig
-    from aqa.sft import load_sft_config
+    from aqa.eval.predict import InferConfig
+    from aqa.grpo.config import load_grpo_config
+    from aqa.sft.config import load_sft_config
 
     for kind in ("cascade", "demo"):
         name = "cascade/{}.yaml" if kind == "cascade" else "demo/cascade_{}.yaml"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aqa.demo import build_members
+from demo.run import build_members
 from tests.recipe_utils import ROOT, recipe_env
 
 # what `make` needs from the repository; the outputs (data/, runs/) land in the temporary directory

@@ -22,16 +22,29 @@ import sys
 import time
 from pathlib import Path
 
-from aqa import checkpoint as ckpt
-from aqa import distributed, grpo, sft
 from aqa.backbones import get_backbone
+from aqa.backbones.lora import AdapterError
 from aqa.config import ConfigError, save_config, to_dict
 from aqa.data.cache import build_feature_cache
 from aqa.data.dataset import QADataset, ShardedSampler, collate_examples
 from aqa.data.manifest import load_manifest
-from aqa.grpo_policy import grpo_adapter_config, policy_from_sft, save_stacked_adapter
-from aqa.logging import RunLogger, progress_bar
-from aqa.lora import AdapterError
+from aqa.eval.dev import evaluate
+from aqa.grpo.config import GRPOConfig, crossed, engine_batch, load_grpo_config, total_rounds
+from aqa.grpo.policy import grpo_adapter_config, policy_from_sft, save_stacked_adapter
+from aqa.grpo.rollout import is_noop_round, sample_group, score_groups
+from aqa.grpo.step import group_loss, loss_metrics, rollout_metrics
+from aqa.runtime import checkpoint as ckpt
+from aqa.runtime import distributed
+from aqa.runtime.engine import (
+    build_engine,
+    model_dtype,
+    resolve_precision,
+    seed_everything,
+)
+from aqa.runtime.loaders import micro_batches, micro_batches_per_epoch, train_loader
+from aqa.runtime.logging import RunLogger, progress_bar
+from aqa.runtime.nonfinite import NonFiniteLoss, check_loss
+from aqa.runtime.setup import check_run_dir, require_answers
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,18 +55,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def train(cfg: grpo.GRPOConfig) -> dict:
+def train(cfg: GRPOConfig) -> dict:
     # ================================================================ setup
     # -- processes: rank and device from the launcher's environment; gloo on CPU, nccl on GPU
     info = distributed.init()
     distributed.set_cpu_threads(info)
-    sft.seed_everything(cfg.seed)
-    precision = sft.resolve_precision(cfg.precision, info.device)
-    dtype = sft.model_dtype(precision)
+    seed_everything(cfg.seed)
+    precision = resolve_precision(cfg.precision, info.device)
+    dtype = model_dtype(precision)
     run_dir = Path(cfg.output_dir)
     ckpt_root = run_dir / ckpt.CHECKPOINTS
     resume_dir = ckpt.resolve_resume(cfg.checkpoint.resume, ckpt_root)
-    sft.check_run_dir(run_dir, resume_dir, cfg.checkpoint.resume)
+    check_run_dir(run_dir, resume_dir, cfg.checkpoint.resume)
     G, iters = cfg.grpo.num_generations, cfg.grpo.num_iterations
 
     # -- model: SFT adapter folded into the weights + a fresh GRPO adapter; the reference is this model
@@ -66,7 +79,7 @@ def train(cfg: grpo.GRPOConfig) -> dict:
     # -- data: answered train questions, options shuffled per (epoch, question), so per group
     data_dir = Path(cfg.data_dir)
     train_m = load_manifest(data_dir / f"{cfg.train_split}.jsonl")
-    sft.require_answers(train_m)
+    require_answers(train_m)
     dev_m = load_manifest(data_dir / f"{cfg.dev_split}.jsonl") if cfg.dev_split else None
     cache = build_feature_cache([m for m in (train_m, dev_m) if m is not None],
                                 cfg.cache_dir or run_dir / "feature_cache", backbone.extract_features,
@@ -76,21 +89,15 @@ def train(cfg: grpo.GRPOConfig) -> dict:
     dev_ds = QADataset(dev_m, cache) if dev_m is not None else None
     sampler = ShardedSampler(len(train_ds), rank=info.rank, world_size=info.world_size, shuffle=True,
                              seed=cfg.seed)
-    loader = sft.train_loader(train_ds, sampler, cfg.batch.per_device, cfg.num_workers, collate_examples)
+    loader = train_loader(train_ds, sampler, cfg.batch.per_device, cfg.num_workers, collate_examples)
     accumulation = cfg.batch.gradient_accumulation
-    rounds = grpo.total_rounds(cfg, sft.micro_batches_per_epoch(sampler, cfg.batch.per_device))
+    rounds = total_rounds(cfg, micro_batches_per_epoch(sampler, cfg.batch.per_device))
     total = rounds * iters  # optimizer steps
     stop_step = min(total, cfg.checkpoint.stop_at_step or total)
 
     # -- engine: AdamW + warmup/cosine, ZeRO-2; DeepSpeed accumulates `accumulation` micro-batches per step
-    import deepspeed
-
-    ds_config = sft.deepspeed_config(cfg.deepspeed_config, grpo.deepspeed_view(cfg, info.world_size),
-                                     info.world_size, precision)
-    optimizer, scheduler = sft.build_optimizer(model, cfg.optim, total)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config)
-    ckpt.install_safe_loading(engine)
+    engine, scheduler, ds_config = build_engine(model, cfg.deepspeed_config, engine_batch(cfg, info.world_size),
+                                                cfg.optim, info.world_size, precision, total)
 
     # -- resume: GRPO adapter, optimizer, schedule, sampler position and every RNG (so rollouts) as saved
     state = ckpt.TrainState(world_size=info.world_size)
@@ -117,13 +124,13 @@ def train(cfg: grpo.GRPOConfig) -> dict:
         return tag_dir
 
     def dev_eval(step: int) -> dict:
-        metrics = sft.evaluate(backbone, engine.module, dev_ds, cfg.eval.batch_size, cfg.eval.limit,
+        metrics = evaluate(backbone, engine.module, dev_ds, cfg.eval.batch_size, cfg.eval.limit,
                                progress=cfg.progress)
         logger.log(step, metrics, kind="eval")
         return metrics
 
     # ================================================================ loop
-    stream = sft.micro_batches(loader, sampler, state)
+    stream = micro_batches(loader, sampler, state)
     bar = progress_bar(total, initial=state.global_step, enabled=info.is_main and cfg.progress, desc="grpo")
     logger.attach(bar)
     window: list[dict] = []  # per-round metrics since the last log line
@@ -133,22 +140,22 @@ def train(cfg: grpo.GRPOConfig) -> dict:
         # -- rollouts: `accumulation` micro-batches sampled with the current policy, one prefill per
         #    question (KV cache expanded to G); rewards gathered over ranks -> group advantages [B, G]
         engine.train()
-        groups = [grpo.sample_group(backbone, engine, next(stream), cfg.grpo) for _ in range(accumulation)]
-        metrics = grpo.rollout_metrics(groups)
+        groups = [sample_group(backbone, engine, next(stream), cfg.grpo) for _ in range(accumulation)]
+        metrics = rollout_metrics(groups)
 
         # -- every group on every rank has equal rewards: no signal, so no update (logged, not a crash)
-        if grpo.is_noop_round(groups):
+        if is_noop_round(groups):
             metrics.update(noop=1.0, lr=scheduler.get_last_lr()[0])
         else:
             # -- reference log-probs [B, G, T] (GRPO adapter off) and, for num_iterations > 1, the
             #    sampling policy's, both once per round
-            grpo.score_groups(backbone, engine, groups, cfg.grpo)
+            score_groups(backbone, engine, groups, cfg.grpo)
             losses, stats = [], []
             for _ in range(iters):  # each pass over the round is one optimizer step
                 for group in groups:
-                    loss, st = grpo.group_loss(backbone, engine, group, cfg.grpo)  # clipped ratio - beta KL
+                    loss, st = group_loss(backbone, engine, group, cfg.grpo)  # clipped ratio - beta KL
                     ids = [e.id for e in group.rollout.examples]
-                    if sft.check_loss(loss, ids, cfg.nonfinite_loss, state.nonfinite_steps, cfg.max_nonfinite,
+                    if check_loss(loss, ids, cfg.nonfinite_loss, state.nonfinite_steps, cfg.max_nonfinite,
                                       state.global_step):
                         state.nonfinite_steps += 1  # its NaN gradients make DeepSpeed skip the step
                     else:
@@ -156,7 +163,7 @@ def train(cfg: grpo.GRPOConfig) -> dict:
                         stats.append(st)
                     engine.backward(loss)
                     engine.step()
-            metrics.update(grpo.loss_metrics(losses, stats), noop=0.0, lr=scheduler.get_last_lr()[0],
+            metrics.update(loss_metrics(losses, stats), noop=0.0, lr=scheduler.get_last_lr()[0],
                            grad_norm=float(engine.get_global_grad_norm() or 0.0))
         state.global_step += iters
         step = state.global_step
@@ -164,7 +171,7 @@ def train(cfg: grpo.GRPOConfig) -> dict:
         window.append(metrics)
 
         # -- log: reward mean/std, zero-std groups, KL, clip fraction, completion length (window means)
-        if grpo.crossed(step, iters, cfg.logging.every_steps) or step >= stop_step:
+        if crossed(step, iters, cfg.logging.every_steps) or step >= stop_step:
             keys = {k for m in window for k in m}
             row = {k: sum(m[k] for m in window if k in m) / sum(1 for m in window if k in m) for k in sorted(keys)}
             row.update(epoch=state.epoch + state.consumed / sampler.num_samples, nonfinite=state.nonfinite_steps,
@@ -174,11 +181,11 @@ def train(cfg: grpo.GRPOConfig) -> dict:
             window, tick = [], time.perf_counter()
 
         # -- dev accuracy from the option-letter logits, every N steps
-        if dev_ds is not None and grpo.crossed(step, iters, cfg.eval.every_steps):
+        if dev_ds is not None and crossed(step, iters, cfg.eval.every_steps):
             dev_metrics, last_eval = dev_eval(step), step
 
         # -- checkpoint every N steps (DeepSpeed state + train state + stacked adapter)
-        if grpo.crossed(step, iters, cfg.checkpoint.every_steps):
+        if crossed(step, iters, cfg.checkpoint.every_steps):
             save(step)
             last_saved = step
     bar.close()
@@ -205,9 +212,9 @@ def train(cfg: grpo.GRPOConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = grpo.load_grpo_config(args.config, args.overrides)
+        cfg = load_grpo_config(args.config, args.overrides)
         train(cfg)
-    except (ConfigError, AdapterError, ckpt.CheckpointError, sft.NonFiniteLoss, FileNotFoundError) as err:
+    except (ConfigError, AdapterError, ckpt.CheckpointError, NonFiniteLoss, FileNotFoundError) as err:
         if distributed.is_main():
             print(f"error: {err}", file=sys.stderr, flush=True)
         distributed.cleanup()

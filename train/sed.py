@@ -23,13 +23,24 @@ from pathlib import Path
 
 import torch
 
-from aqa import checkpoint as ckpt
-from aqa import distributed, sft
 from aqa.config import ConfigError, save_config, to_dict
 from aqa.data.cache import build_feature_cache
 from aqa.data.dataset import ShardedSampler
 from aqa.data.manifest import load_manifest
-from aqa.logging import RunLogger, progress_bar
+from aqa.runtime import checkpoint as ckpt
+from aqa.runtime import distributed
+from aqa.runtime.engine import (
+    accumulation_steps,
+    build_engine,
+    model_dtype,
+    resolve_precision,
+    seed_everything,
+    total_steps,
+)
+from aqa.runtime.loaders import micro_batches, micro_batches_per_epoch, train_loader
+from aqa.runtime.logging import RunLogger, progress_bar
+from aqa.runtime.nonfinite import NonFiniteLoss, check_loss
+from aqa.runtime.setup import check_run_dir
 from aqa.sed import train as sed
 from aqa.sed.labels import LabelMapError
 from aqa.sed.strong import StrongLabelError, load_strong_clips
@@ -51,13 +62,13 @@ def train(cfg: sed.SedTrainConfig) -> dict:
     # -- processes: rank and device from the launcher's environment; gloo on CPU, nccl on GPU
     info = distributed.init()
     distributed.set_cpu_threads(info)
-    sft.seed_everything(cfg.seed)
-    precision = sft.resolve_precision(cfg.precision, info.device)
-    dtype = sft.model_dtype(precision)
+    seed_everything(cfg.seed)
+    precision = resolve_precision(cfg.precision, info.device)
+    dtype = model_dtype(precision)
     run_dir = Path(cfg.output_dir)
     ckpt_root = run_dir / ckpt.CHECKPOINTS
     resume_dir = ckpt.resolve_resume(cfg.checkpoint.resume, ckpt_root)
-    sft.check_run_dir(run_dir, resume_dir, cfg.checkpoint.resume)
+    check_run_dir(run_dir, resume_dir, cfg.checkpoint.resume)
 
     # -- model: the init SED, its head re-made for the trained class set (rows kept by MID), all weights train
     model, labels, kept = sed.prepare_model(cfg.init_from, cfg.data, cfg.model, cfg.seed)
@@ -80,13 +91,14 @@ def train(cfg: sed.SedTrainConfig) -> dict:
     train_ds = dataset(train_clips, True)
     dev_ds = dataset(dev_clips, False) if dev_clips else None
     sampler = ShardedSampler(len(train_ds), rank=info.rank, world_size=info.world_size, shuffle=True, seed=cfg.seed)
-    loader = sft.train_loader(train_ds, sampler, cfg.batch.micro_size, cfg.num_workers, sed.collate_segments)
-    accumulation = sft.accumulation_steps(cfg.batch.global_size, cfg.batch.micro_size, info.world_size)
-    total = sft.total_steps(cfg, sft.micro_batches_per_epoch(sampler, cfg.batch.micro_size), accumulation)
+    loader = train_loader(train_ds, sampler, cfg.batch.micro_size, cfg.num_workers, sed.collate_segments)
+    accumulation = accumulation_steps(cfg.batch.global_size, cfg.batch.micro_size, info.world_size)
+    total = total_steps(cfg, micro_batches_per_epoch(sampler, cfg.batch.micro_size), accumulation)
     stop_step = min(total, cfg.checkpoint.stop_at_step or total)
 
     # -- engine: AdamW + warmup/cosine from the optim section, ZeRO from the DeepSpeed JSON
-    engine, scheduler, ds_config = sft.build_engine(model, cfg, info.world_size, precision, total)
+    engine, scheduler, ds_config = build_engine(model, cfg.deepspeed_config, cfg.batch, cfg.optim,
+                                                info.world_size, precision, total)
 
     # -- resume: weights, optimizer, schedule, sampler position and every RNG exactly as saved
     state = ckpt.TrainState(world_size=info.world_size)
@@ -115,7 +127,7 @@ def train(cfg: sed.SedTrainConfig) -> dict:
         return metrics
 
     # ================================================================ loop
-    stream = sft.micro_batches(loader, sampler, state)
+    stream = micro_batches(loader, sampler, state)
     bar = progress_bar(total, initial=engine.global_steps, enabled=info.is_main and cfg.progress, desc="sed")
     logger.attach(bar)
     loss_sum = torch.zeros(2, dtype=torch.float64)  # [sum of finite micro-batch losses, their count]
@@ -127,7 +139,7 @@ def train(cfg: sed.SedTrainConfig) -> dict:
         for _ in range(accumulation):
             batch = next(stream)  # fbank [B, R*16, 128], frame_mask [B, R*16], targets [B, R, C]
             loss, _, _ = sed.row_bce(engine, batch, info.device, dtype)
-            if sft.check_loss(loss, batch.ids, cfg.nonfinite_loss, state.nonfinite_steps, cfg.max_nonfinite,
+            if check_loss(loss, batch.ids, cfg.nonfinite_loss, state.nonfinite_steps, cfg.max_nonfinite,
                               engine.global_steps):
                 state.nonfinite_steps += 1
             else:
@@ -185,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = sed.load_sed_train_config(args.config, args.overrides)
         train(cfg)
-    except (ConfigError, ckpt.CheckpointError, sft.NonFiniteLoss, FileNotFoundError, StrongLabelError,
+    except (ConfigError, ckpt.CheckpointError, NonFiniteLoss, FileNotFoundError, StrongLabelError,
             LabelMapError, SedCheckpointError) as err:
         if distributed.is_main():
             print(f"error: {err}", file=sys.stderr, flush=True)

@@ -23,15 +23,29 @@ from pathlib import Path
 
 import torch
 
-from aqa import checkpoint as ckpt
-from aqa import distributed, sft
 from aqa.backbones import get_backbone
+from aqa.backbones.lora import apply_lora
 from aqa.config import ConfigError, save_config, to_dict
 from aqa.data.cache import build_feature_cache
 from aqa.data.dataset import QADataset, ShardedSampler, collate_examples
 from aqa.data.manifest import load_manifest
-from aqa.logging import RunLogger, progress_bar
-from aqa.lora import apply_lora
+from aqa.eval.dev import evaluate
+from aqa.runtime import checkpoint as ckpt
+from aqa.runtime import distributed
+from aqa.runtime.engine import (
+    accumulation_steps,
+    build_engine,
+    model_dtype,
+    resolve_precision,
+    seed_everything,
+    total_steps,
+)
+from aqa.runtime.loaders import micro_batches, micro_batches_per_epoch, train_loader
+from aqa.runtime.logging import RunLogger, progress_bar
+from aqa.runtime.nonfinite import NonFiniteLoss
+from aqa.runtime.setup import check_run_dir, require_answers
+from aqa.sft.config import SFTConfig, load_sft_config
+from aqa.sft.step import optimizer_step
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,18 +56,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def train(cfg: sft.SFTConfig) -> dict:
+def train(cfg: SFTConfig) -> dict:
     # ================================================================ setup
     # -- processes: rank and device from the launcher's environment; gloo on CPU, nccl on GPU
     info = distributed.init()
     distributed.set_cpu_threads(info)
-    sft.seed_everything(cfg.seed)
-    precision = sft.resolve_precision(cfg.precision, info.device)
-    dtype = sft.model_dtype(precision)
+    seed_everything(cfg.seed)
+    precision = resolve_precision(cfg.precision, info.device)
+    dtype = model_dtype(precision)
     run_dir = Path(cfg.output_dir)
     ckpt_root = run_dir / ckpt.CHECKPOINTS
     resume_dir = ckpt.resolve_resume(cfg.checkpoint.resume, ckpt_root)
-    sft.check_run_dir(run_dir, resume_dir, cfg.checkpoint.resume)
+    check_run_dir(run_dir, resume_dir, cfg.checkpoint.resume)
 
     # -- model: the backbone from its directory, LoRA on the language model (audio side only if configured)
     backbone = get_backbone(cfg.backbone).from_pretrained(cfg.model_path, device=info.device, dtype=dtype,
@@ -65,7 +79,7 @@ def train(cfg: sft.SFTConfig) -> dict:
     # -- data: manifests, the feature cache (each rank extracts its share once), sampler and loader
     data_dir = Path(cfg.data_dir)
     train_m = load_manifest(data_dir / f"{cfg.train_split}.jsonl")
-    sft.require_answers(train_m)
+    require_answers(train_m)
     dev_m = load_manifest(data_dir / f"{cfg.dev_split}.jsonl") if cfg.dev_split else None
     cache = build_feature_cache([m for m in (train_m, dev_m) if m is not None],
                                 cfg.cache_dir or run_dir / "feature_cache", backbone.extract_features,
@@ -76,13 +90,14 @@ def train(cfg: sft.SFTConfig) -> dict:
     dev_ds = QADataset(dev_m, cache) if dev_m is not None else None  # canonical order, no augmentation
     sampler = ShardedSampler(len(train_ds), rank=info.rank, world_size=info.world_size, shuffle=True,
                              seed=cfg.seed)
-    loader = sft.train_loader(train_ds, sampler, cfg.batch.micro_size, cfg.num_workers, collate_examples)
-    accumulation = sft.accumulation_steps(cfg.batch.global_size, cfg.batch.micro_size, info.world_size)
-    total = sft.total_steps(cfg, sft.micro_batches_per_epoch(sampler, cfg.batch.micro_size), accumulation)
+    loader = train_loader(train_ds, sampler, cfg.batch.micro_size, cfg.num_workers, collate_examples)
+    accumulation = accumulation_steps(cfg.batch.global_size, cfg.batch.micro_size, info.world_size)
+    total = total_steps(cfg, micro_batches_per_epoch(sampler, cfg.batch.micro_size), accumulation)
     stop_step = min(total, cfg.checkpoint.stop_at_step or total)
 
     # -- engine: AdamW + warmup/cosine from the optim section, ZeRO-2 from the DeepSpeed JSON
-    engine, scheduler, ds_config = sft.build_engine(model, cfg, info.world_size, precision, total)
+    engine, scheduler, ds_config = build_engine(model, cfg.deepspeed_config, cfg.batch, cfg.optim,
+                                                info.world_size, precision, total)
 
     # -- resume: weights, optimizer, schedule, sampler position and every RNG exactly as saved
     state = ckpt.TrainState(world_size=info.world_size)
@@ -107,13 +122,13 @@ def train(cfg: sft.SFTConfig) -> dict:
                                     keep_last=cfg.checkpoint.keep_last)
 
     def dev_eval(step: int) -> dict:
-        metrics = sft.evaluate(backbone, engine.module, dev_ds, cfg.eval.batch_size, cfg.eval.limit,
+        metrics = evaluate(backbone, engine.module, dev_ds, cfg.eval.batch_size, cfg.eval.limit,
                                progress=cfg.progress)
         logger.log(step, metrics, kind="eval")
         return metrics
 
     # ================================================================ loop
-    stream = sft.micro_batches(loader, sampler, state)
+    stream = micro_batches(loader, sampler, state)
     bar = progress_bar(total, initial=engine.global_steps, enabled=info.is_main and cfg.progress, desc="sft")
     logger.attach(bar)
     loss_sum = torch.zeros(2, dtype=torch.float64)  # [sum of finite micro-batch losses, their count]
@@ -122,7 +137,7 @@ def train(cfg: sft.SFTConfig) -> dict:
     while engine.global_steps < stop_step:
         # -- one optimizer step: `accumulation` micro-batches per rank, loss on the answer tokens only;
         #    a NaN/inf loss on any rank is counted and its step skipped (or the run stops, per config)
-        stats = sft.optimizer_step(engine, backbone, stream, accumulation, state, cfg.nonfinite_loss,
+        stats = optimizer_step(engine, backbone, stream, accumulation, state, cfg.nonfinite_loss,
                                    cfg.max_nonfinite, info.device, dtype)
         loss_sum += torch.tensor([stats.loss_sum, stats.finite], dtype=torch.float64)
         step = engine.global_steps
@@ -174,9 +189,9 @@ def train(cfg: sft.SFTConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = sft.load_sft_config(args.config, args.overrides)
+        cfg = load_sft_config(args.config, args.overrides)
         train(cfg)
-    except (ConfigError, ckpt.CheckpointError, sft.NonFiniteLoss, FileNotFoundError) as err:
+    except (ConfigError, ckpt.CheckpointError, NonFiniteLoss, FileNotFoundError) as err:
         if distributed.is_main():
             print(f"error: {err}", file=sys.stderr, flush=True)
         distributed.cleanup()

@@ -23,9 +23,10 @@ from torch import nn
 
 from aqa.backbones import shared_prefix
 from aqa.backbones.base import Backbone, Rollout
+from aqa.backbones.letters import answer_lead, gather_letter_logits, letter_token_ids
 from aqa.data.example import Example
 from aqa.data.prompts import PromptConfig, render_target
-from aqa.scoring import answer_lead, gather_letter_logits, letter_token_ids, to_canonical
+from aqa.eval.orders import to_canonical
 
 IGNORE_INDEX = -100
 ASSISTANT_START = "<|im_start|>assistant\n"  # ChatML: what the chat templates of these models end with

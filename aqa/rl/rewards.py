@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import torch
 
-from aqa.answer_parsing import is_bare_answer, parse_answer
 from aqa.data.example import Example
+from aqa.rl.answer_parsing import is_bare_answer, parse_answer
 
 RewardFn = Callable[[str, Example], float]
 _REWARDS: dict[str, RewardFn] = {}

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from aqa.metrics import reliability_bins
+from aqa.eval.metrics import reliability_bins
 
 
 def sed_reliability_diagram(p_before: np.ndarray, p_after: np.ndarray, present: np.ndarray, path: str | Path,

@@ -4,7 +4,7 @@ head), the strong-label dataset over cached fbanks, the masked frame-level BCE a
 Targets live on the 160 ms row grid of :mod:`aqa.sed.strong`; the loss is binary cross-entropy between
 the row logits (token logits meaned over the 8 frequency patches) and those targets, over real rows only.
 The optimizer, schedule, DeepSpeed config, resumable micro-batch stream and non-finite-loss policy are
-those of :mod:`aqa.sft` (the same sections in the YAML).
+those of :mod:`aqa.runtime.sections` (the same sections in the YAML).
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from aqa import distributed
 from aqa.config import ConfigError, load_config
 from aqa.data.cache import FeatureCache
 from aqa.data.dataset import item_rng
+from aqa.runtime import distributed
+from aqa.runtime.sections import BatchConfig, CheckpointConfig, LogConfig, OptimConfig
 from aqa.sed.beats import BeatsModel
 from aqa.sed.config import load_beats_config
 from aqa.sed.fbank import beats_fbank, fbank_settings
@@ -32,7 +33,6 @@ from aqa.sed.posteriors import row_seconds
 from aqa.sed.strong import StrongClip, segment_targets
 from aqa.sed.tiny import labels_from_names
 from aqa.sed.weights import WEIGHTS_FILE, load_state_strict
-from aqa.sft import BatchConfig, CheckpointConfig, LogConfig, OptimConfig
 
 CROP_STREAM = 2  # item_rng stream of the training crop position (0, 1 are the QA dataset's)
 
@@ -154,7 +154,7 @@ def full_state_dict(engine: Any, module: torch.nn.Module) -> dict[str, torch.Ten
 
     A parameter shared by several keys (the relative-position table) is gathered once and written under each.
     """
-    from aqa.checkpoint import trainable_state
+    from aqa.runtime.checkpoint import trainable_state
 
     masters = trainable_state(engine, module)  # {first name of each parameter: fp32 tensor}
     by_id = {id(p): n for n, p in module.named_parameters()}

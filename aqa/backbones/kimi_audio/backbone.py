@@ -35,9 +35,10 @@ from aqa.backbones.kimi_audio.whisper import (
     tokens_for_samples,
     whisper_feature_extractor,
 )
+from aqa.backbones.letters import answer_lead, letter_token_ids
 from aqa.data.example import Example
 from aqa.data.prompts import PromptConfig, render_question, render_target
-from aqa.scoring import answer_lead, letter_token_ids, to_canonical
+from aqa.eval.orders import to_canonical
 
 LM_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WHISPER_LINEAR = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aqa import distributed
+from aqa.runtime import distributed
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from aqa.metrics import expected_calibration_error, reliability_bins
+from aqa.eval.metrics import expected_calibration_error, reliability_bins
 
 BEFORE_COLOR = "#9aa5b1"
 AFTER_COLOR = "#1f77b4"

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aqa.data.summary import summarize
-from aqa.metrics import chance_level, read_predictions
-from aqa.report import load_report, save_report, upsert_member
+from aqa.eval.metrics import chance_level, read_predictions
+from demo.report import load_report, save_report, upsert_member
 
 DEMO_CONFIGS = Path("configs/demo")
 # --smoke: the same stages and commands at a size that checks the chain, not what it learns
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             ev = [str(Path(m.run_dir) / "infer/eval/predictions.jsonl") for m in members]
             stage("ensemble", [py, "ensemble/fit.py", "--config", "configs/ensemble.yaml", "--dev", *dev,
                                "--eval", *ev, "--names", *names, "--out", str(out / "ensemble")])
-            from aqa.ensemble_run import report_entry
+            from aqa.ensemble.run import report_entry
 
             report["ensemble"] = report_entry(out / "ensemble", relative_to=out)
         section = cascade_section(py, stage) if any(m.backbone == "text_llm" for m in members) else None

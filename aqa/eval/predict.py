@@ -16,13 +16,13 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from aqa.answer_parsing import parse_answer
 from aqa.config import ConfigError, to_dict
 from aqa.data.example import Example
 from aqa.data.manifest import Manifest, Record, load_manifest
 from aqa.data.prompts import PromptConfig
-from aqa.metrics import accuracy_by_part, chance_level, write_json, write_submission
-from aqa.scoring import average_log_probs, option_orders, order_accuracy, order_predictions
+from aqa.eval.metrics import accuracy_by_part, chance_level, write_json, write_submission
+from aqa.eval.orders import average_log_probs, option_orders, order_accuracy, order_predictions
+from aqa.rl.answer_parsing import parse_answer
 
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
@@ -79,7 +79,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def load_scoring_backbone(cfg: InferConfig):
     """The backbone from ``model_path``, with ``adapter`` loaded (checked against the base) when given."""
     from aqa.backbones import get_backbone
-    from aqa.lora import load_adapter
+    from aqa.backbones.lora import load_adapter
 
     device = resolve_device(cfg.device)
     backbone = get_backbone(cfg.backbone).from_pretrained(

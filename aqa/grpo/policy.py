@@ -24,7 +24,14 @@ import torch
 from torch import nn
 
 from aqa.backbones.base import Backbone
-from aqa.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, LoraConfig, load_adapter, merge_lora
+from aqa.backbones.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterError,
+    LoraConfig,
+    load_adapter,
+    merge_lora,
+)
 
 _KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<name>[^.]+))?\.weight")
 

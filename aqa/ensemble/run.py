@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from aqa.config import ConfigError
-from aqa.ensemble import (
+from aqa.ensemble.fusion import (
     Aligned,
     align,
     fit,
@@ -36,8 +36,8 @@ from aqa.ensemble import (
     prediction_rows,
     system_metrics,
 )
-from aqa.metrics import accuracy_by_part, chance_level, write_json, write_submission
-from aqa.plots import accuracy_bars, fit_curve, reliability_diagram
+from aqa.ensemble.plots import accuracy_bars, fit_curve, reliability_diagram
+from aqa.eval.metrics import accuracy_by_part, chance_level, write_json, write_submission
 
 FUSED = "ensemble"  # the fused predictions' "model" field and plot name
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from aqa.metrics import write_json
+from aqa.eval.metrics import write_json
 
 
 def load_report(path: str | Path) -> dict[str, Any]:

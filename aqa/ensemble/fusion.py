@@ -1,13 +1,13 @@
 """The learnable ensemble: a temperature and a weight per member, fitted on dev prediction files.
 
-It works on prediction files alone (the predictions JSONL contract, see ``aqa.metrics``). Members are
+It works on prediction files alone (the predictions JSONL contract, see ``aqa.eval.metrics``). Members are
 aligned by question id; option logits are padded to the largest option count with a mask, and
 
     p(option) = sum_m w_m * softmax(z_m / T_m)(option),    w = softmax(v),  T_m = exp(log_t_m)
 
 is fitted by full-batch Adam on the dev cross-entropy (steps and lr from ``configs/ensemble.yaml``).
 Both parameters start at the uniform average of the uncalibrated members (v = 0, T = init_temperature),
-so the fit is deterministic. ``aqa.ensemble_run`` writes the output files around it.
+so the fit is deterministic. ``aqa.ensemble.run`` writes the output files around it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from aqa.metrics import accuracy_by_part, expected_calibration_error, read_predictions
+from aqa.eval.metrics import accuracy_by_part, expected_calibration_error, read_predictions
 
 # Padding options get this logit after temperature scaling: exp() of it is exactly 0 in float64, yet it stays
 # finite, so logsumexp over members never meets an all -inf slice (whose gradient would be NaN).

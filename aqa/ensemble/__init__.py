@@ -1,0 +1,1 @@
+"""The learnable ensemble: fusion, fit/apply over prediction files, plots."""

@@ -1,0 +1,1 @@
+"""Evaluation: prediction over a split, option orders, metrics, training-time dev accuracy."""

@@ -1,0 +1,124 @@
+"""The ``train/grpo.py`` config, its round/step counts and the logging cadence of rounds.
+
+Vocabulary: a *micro-batch* is ``batch.per_device`` questions on one rank, each with G sampled
+completions (a *group*). A *round* is ``batch.gradient_accumulation`` micro-batches sampled with the
+current policy; it is trained on ``grpo.num_iterations`` times, one optimizer step each, so a run
+takes ``rounds * num_iterations`` steps. Shapes: B questions, G completions, T completion tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from aqa.backbones.base import SamplingConfig
+from aqa.backbones.lora import LoraConfig
+from aqa.config import ConfigError, load_config
+from aqa.data.augment import AugmentConfig
+from aqa.data.prompts import PromptConfig
+from aqa.rl.rewards import check_weights
+from aqa.runtime.sections import BatchConfig, CheckpointConfig, EvalConfig, LogConfig, OptimConfig
+
+
+@dataclass
+class GRPOSection:
+    """The algorithm's own settings (the ``grpo:`` section)."""
+
+    num_generations: int = 6  # G completions per question
+    epsilon: float = 0.2  # clip range of the importance ratio
+    beta: float = 0.1  # weight of the k3 KL to the reference (the SFT model)
+    num_iterations: int = 1  # optimizer steps per round of rollouts (>1 uses old-policy log-probs)
+    advantage_eps: float = 1e-4  # (r - mean) / (std + eps)
+    rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0})  # name -> weight
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class GRPOBatchConfig:
+    per_device: int = 8  # questions per rank per micro-batch (each sampled G times)
+    gradient_accumulation: int = 5  # micro-batches per optimizer step
+
+
+@dataclass
+class GRPOConfig:
+    """The ``train/grpo.py`` config. Sections shared with SFT have the same meaning there."""
+
+    model_path: str  # the base model directory SFT was trained on
+    sft_adapter: str  # <sft output_dir>/adapter: the starting policy and the reference
+    data_dir: str
+    output_dir: str
+    backbone: str = "qwen2_audio"
+    train_split: str = "train"
+    dev_split: str | None = "dev"
+    cache_dir: str | None = None
+    epochs: float = 1.0
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    deepspeed_config: str = "configs/deepspeed/zero2.json"
+    num_workers: int = 0
+    nonfinite_loss: Literal["skip", "stop"] = "skip"  # as in SFT: skip the step and count it, or stop
+    max_nonfinite: int | None = None
+    progress: bool = True
+    grpo: GRPOSection = field(default_factory=GRPOSection)
+    batch: GRPOBatchConfig = field(default_factory=GRPOBatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        g = self.grpo
+        checks = {
+            "grpo.num_generations": (g.num_generations >= 2, "at least 2: advantages compare completions"),
+            "grpo.num_iterations": (g.num_iterations >= 1, ">= 1"),
+            "grpo.epsilon": (0 < g.epsilon < 1, "in (0, 1)"),
+            "grpo.beta": (g.beta >= 0, ">= 0"),
+            "grpo.advantage_eps": (g.advantage_eps >= 0, ">= 0"),
+            "grpo.sampling.temperature": (g.sampling.temperature > 0, "> 0"),
+            "grpo.sampling.top_p": (0 < g.sampling.top_p <= 1, "in (0, 1]"),
+            "grpo.sampling.max_new_tokens": (g.sampling.max_new_tokens >= 1, ">= 1"),
+            "batch.per_device": (self.batch.per_device >= 1, ">= 1"),
+            "batch.gradient_accumulation": (self.batch.gradient_accumulation >= 1, ">= 1"),
+            "optim.lr": (self.optim.lr > 0, "> 0"),
+            "max_steps": (self.max_steps is None or self.max_steps >= 1, ">= 1 or null"),
+            "epochs": (self.max_steps is not None or self.epochs > 0, "> 0 when max_steps is null"),
+        }
+        for key, (ok, need) in checks.items():
+            if not ok:
+                raise ConfigError(f"'{key}' must be {need}.")
+        try:
+            check_weights(g.rewards)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        if self.augment.spec_augment.active:
+            raise ConfigError("augment.spec_augment is for SFT; GRPO samples from the clean audio. Set its p to 0.")
+
+
+def load_grpo_config(path: str | Path | None, overrides: list[str] | None = None) -> GRPOConfig:
+    return load_config(GRPOConfig, path, overrides)
+
+
+def engine_batch(cfg: GRPOConfig, world_size: int) -> BatchConfig:
+    """GRPO's batch geometry as the engine's ``BatchConfig``: DeepSpeed accumulates
+    ``gradient_accumulation`` micro-batches of ``per_device`` questions per step."""
+    per_device, accumulation = cfg.batch.per_device, cfg.batch.gradient_accumulation
+    return BatchConfig(global_size=per_device * accumulation * world_size, micro_size=per_device)
+
+
+def total_rounds(cfg: GRPOConfig, micro_per_epoch: int) -> int:
+    """Rounds of rollouts the run samples: from ``max_steps`` (optimizer steps), else from ``epochs``."""
+    if cfg.max_steps is not None:
+        return math.ceil(cfg.max_steps / cfg.grpo.num_iterations)
+    return max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.batch.gradient_accumulation))
+
+
+def crossed(step: int, advanced: int, every: int) -> bool:
+    """True when the last ``advanced`` steps (ending at ``step``) passed a multiple of ``every`` (0: never).
+    A round advances ``num_iterations`` steps at once, so ``step % every == 0`` could jump over it."""
+    return every > 0 and (step - advanced) // every < step // every

@@ -1,0 +1,68 @@
+"""GRPO rollouts: G completions per question from the policy, their rewards and group advantages,
+and the reference / old-policy log-probs scored once per round.
+
+Shapes: B questions, G completions, T completion tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from aqa.backbones.base import Backbone, Rollout
+from aqa.data.example import Example
+from aqa.grpo.config import GRPOSection
+from aqa.grpo.policy import reference
+from aqa.rl.advantages import Advantages, group_advantages
+from aqa.rl.rewards import compute_rewards
+from aqa.runtime import distributed
+
+
+# -- rollouts -----------------------------------------------------------------------------------------
+@dataclass
+class Group:
+    """One micro-batch's rollouts with everything its loss needs."""
+
+    rollout: Rollout
+    rewards: torch.Tensor  # [B, G] weighted total
+    parts: dict[str, torch.Tensor]  # reward name -> [B, G] unweighted
+    adv: Advantages  # [B, G] values + global statistics
+    ref_logp: torch.Tensor | None = None  # [B, G, T] reference (None when beta == 0)
+    old_logp: torch.Tensor | None = None  # [B, G, T] the sampling policy (num_iterations > 1)
+
+
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """All ranks' ``[B, G]`` along dim 0 -> ``[W*B, G]`` (the gather ``group_advantages`` takes)."""
+    gathered = distributed.all_gather_tensor(tensor)  # [W, B, G]
+    return gathered.reshape(-1, *tensor.shape[1:])
+
+
+def sample_group(backbone: Backbone, model: nn.Module, examples: list[Example], cfg: GRPOSection) -> Group:
+    """G completions per question, their rewards and group advantages (rewards gathered over ranks).
+    Every rank must call it (the advantages' gather is a collective)."""
+    rollout = backbone.generate(model, examples, cfg.num_generations, cfg.sampling)
+    rewards, parts = compute_rewards(rollout.texts, examples, cfg.rewards)
+    adv = group_advantages(rewards, cfg.advantage_eps, gather=gather_rows, rank=distributed.rank())
+    return Group(rollout, rewards, parts, adv)
+
+
+@torch.no_grad()
+def score_groups(backbone: Backbone, model: nn.Module, groups: list[Group], cfg: GRPOSection) -> None:
+    """Fill each group's reference log-probs (adapter off) and, for ``num_iterations > 1``, the sampling
+    policy's, both computed once per round before any update."""
+    for group in groups:
+        if cfg.beta > 0:
+            with reference(model):
+                group.ref_logp = backbone.completion_logprobs(model, group.rollout)
+        if cfg.num_iterations > 1:
+            group.old_logp = backbone.completion_logprobs(model, group.rollout)
+
+
+def is_noop_round(groups: list[Group]) -> bool:
+    """True when every group of every micro-batch on every rank has equal rewards: nothing to learn.
+
+    ``zero_std_frac`` is computed over the gathered rewards, so every rank reaches the same answer.
+    """
+    return all(g.adv.zero_std_frac == 1.0 for g in groups)

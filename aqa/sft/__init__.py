@@ -1,0 +1,1 @@
+"""Supervised fine-tuning: the config and the step. ``train/sft.py`` is the recipe."""

@@ -1,0 +1,71 @@
+"""The ``train/sft.py`` config and its step count.
+
+Steps: one *step* is one optimizer step over ``batch.global_size`` examples, i.e. ``accumulation``
+micro-batches of ``batch.micro_size`` on each of ``world_size`` ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from aqa.backbones.lora import LoraConfig
+from aqa.config import ConfigError, load_config
+from aqa.data.augment import AugmentConfig
+from aqa.data.prompts import PromptConfig
+from aqa.runtime.sections import BatchConfig, CheckpointConfig, EvalConfig, LogConfig, OptimConfig
+
+
+@dataclass
+class SFTConfig:
+    """The ``train/sft.py`` config: top-level run settings plus one section per concern."""
+
+    model_path: str  # HF model directory (tiny or 7B)
+    data_dir: str  # manifest directory with <split>.jsonl and dataset.json
+    output_dir: str  # the run dir
+    backbone: str = "qwen2_audio"
+    train_split: str = "train"
+    dev_split: str | None = "dev"  # None: no evaluation
+    cache_dir: str | None = None  # feature cache (None: <output_dir>/feature_cache)
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs when set
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    deepspeed_config: str = "configs/deepspeed/zero2.json"
+    num_workers: int = 0  # DataLoader workers per rank
+    nonfinite_loss: Literal["skip", "stop"] = "skip"  # skip the step and count it, or stop with the batch's ids
+    max_nonfinite: int | None = None  # stop anyway once this many micro-batches were non-finite
+    progress: bool = True
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        positive = {"batch.global_size": self.batch.global_size, "batch.micro_size": self.batch.micro_size,
+                    "eval.batch_size": self.eval.batch_size, "logging.every_steps": self.logging.every_steps}
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"'{key}' must be >= 1, got {value}.")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"'max_steps' must be >= 1 (or null to use epochs), got {self.max_steps}.")
+        if self.max_steps is None and self.epochs <= 0:
+            raise ConfigError(f"'epochs' must be > 0 when max_steps is null, got {self.epochs}.")
+        if self.optim.lr <= 0:
+            raise ConfigError(f"'optim.lr' must be > 0, got {self.optim.lr}.")
+        if len(self.optim.betas) != 2:
+            raise ConfigError(f"'optim.betas' must hold two numbers, got {self.optim.betas}.")
+        if not 0 <= self.optim.warmup_ratio < 1:
+            raise ConfigError(f"'optim.warmup_ratio' must lie in [0, 1), got {self.optim.warmup_ratio}.")
+        if self.num_workers < 0:
+            raise ConfigError(f"'num_workers' must be >= 0, got {self.num_workers}.")
+
+
+def load_sft_config(path: str | Path | None, overrides: list[str] | None = None) -> SFTConfig:
+    """The YAML at ``path`` with ``key=value`` overrides, checked (unknown keys and bad values fail here)."""
+    return load_config(SFTConfig, path, overrides)
