@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from pathlib import Path
@@ -17,11 +18,15 @@ from typing import Any, TypeVar
 
 import yaml
 
+from aqa.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A config file or override that cannot be turned into the recipe's dataclass."""
+class ConfigError(UserError, ValueError):
+    """A config file or override that cannot be turned into the recipe's dataclass (exit status 2)."""
+
+    exit_code = 2
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -176,3 +181,82 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML, so a run dir says exactly what ran."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+# -- help: every key with its default and meaning ------------------------------------------------------------
+def _field_comments(cls: type) -> dict[str, str]:
+    """``name -> help`` from the dataclass source, the one place a field's meaning is written: the
+    ``# comment`` ending the field's line, else the comment lines right above it."""
+    import inspect
+    import io
+    import re
+    import tokenize
+
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    trailing: dict[int, str] = {}  # line number -> comment text, for comments after code
+    lines = source.splitlines()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT and lines[tok.start[0] - 1][: tok.start[1]].strip():
+            trailing[tok.start[0]] = tok.string.lstrip("#").strip()
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, str] = {}
+    above: list[str] = []
+    for number, line in enumerate(lines, start=1):
+        field_match = re.match(r"^    (\w+)\s*:", line)
+        if line.startswith("    #"):
+            above.append(line.strip().lstrip("#").strip())
+        elif field_match and field_match.group(1) in names:
+            text = trailing.get(number) or " ".join(above)
+            if text:
+                out[field_match.group(1)] = text
+            above = []
+        else:
+            above = []
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    text = getattr(tp, "__name__", None) if not typing.get_args(tp) else None
+    return text or str(tp).replace("typing.", "")
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Every key of a config dataclass, sections flattened with dots: ``(key, type, default, help)``.
+
+    A field's help is the comment on its line in the source; a section's fields follow its own row.
+    """
+    rows: list[tuple[str, str, str, str]] = []
+    comments = _field_comments(cls)
+    types_ = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        key, tp = prefix + f.name, types_[f.name]
+        if dataclasses.is_dataclass(tp):
+            doc = (tp.__doc__ or "").strip()
+            doc = "" if doc.startswith(tp.__name__ + "(") else doc.split("\n\n")[0].replace("\n", " ")
+            rows.append((key, "section", "", comments.get(f.name, "") or doc))
+            rows.extend(describe(tp, prefix=key + "."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = json.dumps(f.default)
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = json.dumps(f.default_factory())  # type: ignore[misc]
+        else:
+            default = "(required)"
+        rows.append((key, _type_name(tp), default, comments.get(f.name, "")))
+    return rows
+
+
+def help_text(cls: type) -> str:
+    """The config keys of ``cls`` as an aligned table for ``--help``."""
+    rows = describe(cls)
+    width = max(len(k) for k, *_ in rows)
+    lines = ["config keys (YAML, or key=value / section.key=value on the command line):"]
+    for key, tp, default, text in rows:
+        if tp == "section":
+            lines.append(f"  {key + ':':<{width + 1}}  {text}")
+        else:
+            lines.append(f"  {key:<{width}}  = {default:<12} {text}  [{tp}]".rstrip())
+    return "\n".join(lines)

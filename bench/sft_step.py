@@ -7,7 +7,7 @@ No 7B weights exist here, so ``--seven-b`` builds Qwen2-Audio-7B's shapes (32 x 
 encoder, 30 s audio window, 156,032-row vocabulary) with random weights, in bf16 on the GPU; other sizes
 come from ``aqa.tiny.TinyQwen2AudioSpec`` overrides. One question per rank per micro-batch with a clip of the
 full window, LoRA r 8 on every language-model linear layer, the audio tower frozen: exactly
-``aqa.sft.optimizer_step`` as the recipe runs it.
+the forward/backward/step of ``train/sft.py``.
 
 MFU counts the model FLOPs a LoRA step needs: 2 N_lm T forward + 2 N_lm T for the activation gradients
 (frozen weights get no weight gradient; LoRA's own are negligible) + 2 N_audio T_audio for the frozen encoder's
@@ -18,7 +18,6 @@ FLOPs are left out (a few % at these lengths), so the figure is slightly low.
 from __future__ import annotations
 
 import argparse
-import itertools
 import time
 
 import numpy as np
@@ -29,10 +28,9 @@ from aqa.backbones.qwen2_audio import Qwen2AudioBackbone, audio_token_count
 from aqa.config import load_config
 from aqa.data.example import Example
 from aqa.runtime import distributed
-from aqa.runtime.checkpoint import TrainState
 from aqa.runtime.engine import build_engine, model_dtype, resolve_precision
 from aqa.sft.config import load_sft_config
-from aqa.sft.step import optimizer_step
+from aqa.sft.step import sft_loss
 from aqa.tiny import TinyQwen2AudioSpec, build_tiny_qwen2_audio
 
 SEVEN_B = ["hidden_size=4096", "num_hidden_layers=32", "num_attention_heads=32", "num_key_value_heads=32",
@@ -84,11 +82,10 @@ def main(argv: list[str] | None = None) -> None:
                 for i in range(args.batch)]
     tokens = int(backbone.collate(examples)["attention_mask"].sum())  # LM tokens, audio tokens included
     enc_frames = args.batch * (audio_token_count(100 * spec.chunk_seconds) * 2)  # encoder positions before pooling
-    stream = itertools.repeat(examples)
-    state = TrainState()
-
-    def step() -> None:
-        optimizer_step(engine, backbone, stream, 1, state, "stop", None, info.device, dtype)
+    def step() -> None:  # as train/sft.py: forward (CE on the answer tokens), backward, DeepSpeed's step
+        loss = sft_loss(backbone, engine, examples, info.device, dtype)
+        engine.backward(loss)
+        engine.step()
 
     for _ in range(args.warmup):
         step()

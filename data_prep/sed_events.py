@@ -15,13 +15,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from aqa.config import ConfigError, load_config
-from aqa.data.manifest import ManifestError, load_manifest
-from aqa.sed.annotate import EventsError, SedEventsConfig, detect_events, read_events_file, write_annotated
+from aqa.config import load_config
+from aqa.data.manifest import load_manifest
+from aqa.errors import UserError
+from aqa.sed.annotate import SedEventsConfig, detect_events, read_events_file, write_annotated
 from aqa.sed.calibrate import resolve_device
-from aqa.sed.calibration import CalibrationError
-from aqa.sed.labels import LabelMapError
-from aqa.sed.weights import SedCheckpointError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cascade" / "events.yaml"
 
@@ -52,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             records, events, notes, summary = detect_events(args.manifest, args.sed, calibration, cfg, cache,
                                                             resolve_device(cfg.device, cfg.cpu_threads))
         target = write_annotated(args.manifest, records, events, notes, args.out, summary)
-    except (ConfigError, ManifestError, EventsError, CalibrationError, SedCheckpointError, LabelMapError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     n_events = sum(len(v) for v in events.values())

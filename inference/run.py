@@ -9,13 +9,16 @@ skips questions already scored. All logic lives in aqa.eval.predict.
 from __future__ import annotations
 
 import argparse
+import sys
 
-from aqa.config import load_config
+from aqa.config import help_text, load_config
+from aqa.errors import run_cli
 from aqa.eval.predict import InferConfig, format_metrics, run_inference
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=help_text(InferConfig),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file, e.g. configs/qwen2_audio/infer.yaml")
     parser.add_argument("--split", required=True, help="manifest split to score: dev or eval (or train)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. permutations=8 adapter=DIR")
@@ -33,4 +36,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -12,7 +12,7 @@ from aqa.backbones.base import SamplingConfig
 from aqa.backbones.lora import AdapterError, LoraConfig, apply_lora
 from aqa.config import ConfigError
 from aqa.data.example import Example
-from aqa.grpo.config import GRPOSection, crossed, engine_batch, load_grpo_config, total_rounds
+from aqa.grpo.config import GRPOSection, engine_batch, load_grpo_config, total_rounds
 from aqa.grpo.policy import (
     grpo_adapter_config,
     peft_model,
@@ -25,6 +25,7 @@ from aqa.grpo.step import group_loss, rollout_metrics
 from aqa.rl.advantages import Advantages
 from aqa.runtime.checkpoint import save_adapter
 from aqa.runtime.engine import deepspeed_config
+from aqa.runtime.recipe import crossed
 from aqa.tiny import TinyQwen2AudioSpec, write_tiny_qwen2_audio
 
 REQUIRED = ["model_path=m", "sft_adapter=a", "data_dir=d", "output_dir=o"]
@@ -114,7 +115,7 @@ def test_rounds_and_crossing():
 
 def test_noop_round_needs_every_group_flat():
     def group(frac):
-        adv = Advantages(torch.zeros(1, 2), torch.tensor([frac == 1.0]), 0.0, 0.0, frac)
+        adv = Advantages(torch.zeros(1, 2), torch.tensor([frac == 1.0]), torch.zeros(1, 2), frac)
         return Group(rollout=None, rewards=torch.zeros(1, 2), parts={}, adv=adv)
 
     assert is_noop_round([group(1.0), group(1.0)])

@@ -4,16 +4,17 @@ micro-batch stream, the non-finite policy, and one real DeepSpeed engine (one pr
 import copy
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from aqa.config import ConfigError
-from aqa.data.dataset import ShardedSampler
+from aqa.data.dataset import ShardedSampler, require_answers
 from aqa.eval.dev import evaluate
 from aqa.runtime import distributed
-from aqa.runtime.checkpoint import TrainState
+from aqa.runtime.checkpoint import TrainState, check_run_dir
 from aqa.runtime.engine import (
     accumulation_steps,
     build_engine,
@@ -26,10 +27,9 @@ from aqa.runtime.engine import (
     warmup_steps,
 )
 from aqa.runtime.loaders import micro_batches, micro_batches_per_epoch, move_batch, train_loader
-from aqa.runtime.nonfinite import NonFiniteLoss, check_loss
-from aqa.runtime.setup import check_run_dir, require_answers
+from aqa.runtime.nonfinite import NonFiniteLoss, check_loss, confirm_skipped
 from aqa.sft.config import load_sft_config
-from aqa.sft.step import optimizer_step
+from aqa.sft.step import sft_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO2 = ROOT / "configs" / "deepspeed" / "zero2.json"
@@ -269,7 +269,22 @@ def test_nonfinite_step_is_skipped_by_the_engine_and_finite_steps_train(tmp_path
     state = TrainState()
 
     def step(batches, policy="skip"):
-        return optimizer_step(engine, backbone, iter(batches), 2, state, policy, None, device, dtype)
+        """One optimizer step exactly as train/sft.py runs it: forward, the non-finite check, backward and
+        DeepSpeed's step per micro-batch, then the check that a non-finite window was really skipped."""
+        stats = SimpleNamespace(loss_sum=0.0, finite=0, nonfinite=0)
+        skipped_before = engine.skipped_steps
+        for examples in batches:
+            loss = sft_loss(backbone, engine, examples, device, dtype)
+            if check_loss(loss, [e.id for e in examples], policy, state.nonfinite_steps, None, engine.global_steps):
+                state.nonfinite_steps += 1
+                stats.nonfinite += 1
+            else:
+                stats.loss_sum += loss.item()
+                stats.finite += 1
+            engine.backward(loss)
+            engine.step()
+        stats.skipped = confirm_skipped(engine, skipped_before, stats.nonfinite)
+        return stats
 
     before = _lora(engine)
     stats = step([[good[1]], [broken]])  # one bad micro-batch in the window: the whole step is skipped

@@ -16,77 +16,46 @@ Shapes: B = batch.per_device questions per rank, G = grpo.num_generations, T com
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 from aqa.backbones import get_backbone
-from aqa.backbones.lora import AdapterError
-from aqa.config import ConfigError, save_config, to_dict
-from aqa.data.cache import build_feature_cache
-from aqa.data.dataset import QADataset, ShardedSampler, collate_examples
-from aqa.data.manifest import load_manifest
+from aqa.data.dataset import ShardedSampler, collate_examples, qa_datasets
 from aqa.eval.dev import evaluate
-from aqa.grpo.config import GRPOConfig, crossed, engine_batch, load_grpo_config, total_rounds
+from aqa.grpo.config import GRPOConfig, engine_batch, total_rounds
 from aqa.grpo.policy import grpo_adapter_config, policy_from_sft, save_stacked_adapter
 from aqa.grpo.rollout import is_noop_round, sample_group, score_groups
 from aqa.grpo.step import group_loss, loss_metrics, rollout_metrics
 from aqa.runtime import checkpoint as ckpt
 from aqa.runtime import distributed
-from aqa.runtime.engine import (
-    build_engine,
-    model_dtype,
-    resolve_precision,
-    seed_everything,
-)
+from aqa.runtime.engine import build_engine
 from aqa.runtime.loaders import micro_batches, micro_batches_per_epoch, train_loader
-from aqa.runtime.logging import RunLogger, progress_bar
-from aqa.runtime.nonfinite import NonFiniteLoss, check_loss
-from aqa.runtime.setup import check_run_dir, require_answers
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="GRPO from an SFT adapter under DeepSpeed ZeRO-2.")
-    parser.add_argument("--config", required=True, help="recipe YAML, e.g. configs/qwen2_audio/grpo.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=10 grpo.beta=0.04")
-    distributed.add_launcher_args(parser)  # the deepspeed launcher appends --local_rank=N
-    return parser.parse_args(argv)
+from aqa.runtime.logging import progress_bar
+from aqa.runtime.nonfinite import check_loss
+from aqa.runtime.recipe import crossed, finish, open_run, recipe_main, resume_state, start_run
 
 
 def train(cfg: GRPOConfig) -> dict:
     # ================================================================ setup
-    # -- processes: rank and device from the launcher's environment; gloo on CPU, nccl on GPU
-    info = distributed.init()
-    distributed.set_cpu_threads(info)
-    seed_everything(cfg.seed)
-    precision = resolve_precision(cfg.precision, info.device)
-    dtype = model_dtype(precision)
-    run_dir = Path(cfg.output_dir)
-    ckpt_root = run_dir / ckpt.CHECKPOINTS
-    resume_dir = ckpt.resolve_resume(cfg.checkpoint.resume, ckpt_root)
-    check_run_dir(run_dir, resume_dir, cfg.checkpoint.resume)
+    # -- processes (rank and device from the launcher), seeds, precision, the checkpoint to resume
+    run = start_run(cfg)
+    info = run.info
     G, iters = cfg.grpo.num_generations, cfg.grpo.num_iterations
 
     # -- model: SFT adapter folded into the weights + a fresh GRPO adapter; the reference is this model
     #    with the GRPO adapter disabled (no second copy)
-    backbone = get_backbone(cfg.backbone).from_pretrained(cfg.model_path, device=info.device, dtype=dtype,
+    backbone = get_backbone(cfg.backbone).from_pretrained(cfg.model_path, device=run.device, dtype=run.dtype,
                                                           prompt=cfg.prompt)
     model = policy_from_sft(backbone, cfg.sft_adapter, cfg.lora)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     # -- data: answered train questions, options shuffled per (epoch, question), so per group
-    data_dir = Path(cfg.data_dir)
-    train_m = load_manifest(data_dir / f"{cfg.train_split}.jsonl")
-    require_answers(train_m)
-    dev_m = load_manifest(data_dir / f"{cfg.dev_split}.jsonl") if cfg.dev_split else None
-    cache = build_feature_cache([m for m in (train_m, dev_m) if m is not None],
-                                cfg.cache_dir or run_dir / "feature_cache", backbone.extract_features,
-                                backbone.feature_settings(), rank=info.rank, world_size=info.world_size,
-                                barrier=distributed.barrier, progress=cfg.progress and info.is_main)
-    train_ds = QADataset(train_m, cache, augment=cfg.augment, seed=cfg.seed)
-    dev_ds = QADataset(dev_m, cache) if dev_m is not None else None
+    train_ds, dev_ds = qa_datasets(cfg.data_dir, cfg.train_split, cfg.dev_split,
+                                   cfg.cache_dir or run.run_dir / "feature_cache", backbone.extract_features,
+                                   backbone.feature_settings(), augment=cfg.augment,
+                                   spec_augment_key=backbone.spec_augment_key, seed=cfg.seed, rank=info.rank,
+                                   world_size=info.world_size, barrier=distributed.barrier,
+                                   progress=cfg.progress and info.is_main)
     sampler = ShardedSampler(len(train_ds), rank=info.rank, world_size=info.world_size, shuffle=True,
                              seed=cfg.seed)
     loader = train_loader(train_ds, sampler, cfg.batch.per_device, cfg.num_workers, collate_examples)
@@ -95,37 +64,28 @@ def train(cfg: GRPOConfig) -> dict:
     total = rounds * iters  # optimizer steps
     stop_step = min(total, cfg.checkpoint.stop_at_step or total)
 
-    # -- engine: AdamW + warmup/cosine, ZeRO-2; DeepSpeed accumulates `accumulation` micro-batches per step
+    # -- engine: AdamW + warmup/cosine, ZeRO-2; DeepSpeed accumulates `accumulation` micro-batches per step.
+    #    Resume: GRPO adapter, optimizer, schedule, sampler position and every RNG (so rollouts) as saved
     engine, scheduler, ds_config = build_engine(model, cfg.deepspeed_config, engine_batch(cfg, info.world_size),
-                                                cfg.optim, info.world_size, precision, total)
-
-    # -- resume: GRPO adapter, optimizer, schedule, sampler position and every RNG (so rollouts) as saved
-    state = ckpt.TrainState(world_size=info.world_size)
-    if resume_dir is not None:
-        state = ckpt.load_checkpoint(engine, resume_dir)
-        ckpt.restore_rng(state.rng)
-    logger = RunLogger(run_dir, enabled=info.is_main, report_to=cfg.logging.report_to, config=to_dict(cfg),
-                       project=cfg.logging.project, run_name=cfg.logging.run_name,
-                       resume_step=state.global_step if resume_dir is not None else None)
+                                                cfg.optim, info.world_size, run.precision, total)
+    state = resume_state(engine, run)
+    logger = open_run(cfg, run, state, ds_config)
     if info.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n", encoding="utf-8")
-        print(f"grpo: {info.world_size} rank(s) on {info.device.type}, {precision}, {n_train:,} GRPO adapter "
+        print(f"grpo: {info.world_size} rank(s) on {run.device.type}, {run.precision}, {n_train:,} GRPO adapter "
               f"parameters; {len(train_ds)} questions, {rounds} rounds x {iters} step(s) of {accumulation} x "
               f"{cfg.batch.per_device} questions x G={G} per rank"
-              + (f"; resumed from {resume_dir.name}" if resume_dir else ""), flush=True)
+              + (f"; resumed from {run.resume_dir.name}" if run.resume_dir else ""), flush=True)
 
-    def save(step: int) -> Path:
+    def save(step: int) -> None:
         state.global_step, state.rng = step, ckpt.capture_rng()
         adapter_state = ckpt.trainable_state(engine, engine.module)  # collective: fp32 masters from ZeRO
-        tag_dir = ckpt.save_checkpoint(engine, ckpt_root, state, keep_last=cfg.checkpoint.keep_last)
+        tag_dir = ckpt.save_checkpoint(engine, run.ckpt_root, state, keep_last=cfg.checkpoint.keep_last)
         if info.is_main:  # the stacked adapter, loadable on the base model like the final one
             save_stacked_adapter(cfg.sft_adapter, adapter_state, grpo_adapter_config(engine), tag_dir / ckpt.ADAPTER)
-        return tag_dir
 
     def dev_eval(step: int) -> dict:
         metrics = evaluate(backbone, engine.module, dev_ds, cfg.eval.batch_size, cfg.eval.limit,
-                               progress=cfg.progress)
+                           progress=cfg.progress)
         logger.log(step, metrics, kind="eval")
         return metrics
 
@@ -156,7 +116,7 @@ def train(cfg: GRPOConfig) -> dict:
                     loss, st = group_loss(backbone, engine, group, cfg.grpo)  # clipped ratio - beta KL
                     ids = [e.id for e in group.rollout.examples]
                     if check_loss(loss, ids, cfg.nonfinite_loss, state.nonfinite_steps, cfg.max_nonfinite,
-                                      state.global_step):
+                                  state.global_step):
                         state.nonfinite_steps += 1  # its NaN gradients make DeepSpeed skip the step
                     else:
                         losses.append(loss.item())
@@ -198,29 +158,15 @@ def train(cfg: GRPOConfig) -> dict:
         save(step)
     adapter_state = ckpt.trainable_state(engine, engine.module)
     if info.is_main:
-        save_stacked_adapter(cfg.sft_adapter, adapter_state, grpo_adapter_config(engine), run_dir / ckpt.ADAPTER)
-        print(f"grpo: step {step}/{total}; adapter (SFT + GRPO, on the base model) in {run_dir / ckpt.ADAPTER}",
+        save_stacked_adapter(cfg.sft_adapter, adapter_state, grpo_adapter_config(engine), run.run_dir / ckpt.ADAPTER)
+        print(f"grpo: step {step}/{total}; adapter (SFT + GRPO, on the base model) in {run.run_dir / ckpt.ADAPTER}",
               flush=True)
-    summary = {"step": step, "total_steps": total, "nonfinite": state.nonfinite_steps,
-               **{f"dev_{k}": v for k, v in dev_metrics.items()}}
-    logger.summary(summary)
-    logger.close()
-    distributed.barrier()
-    return summary
+    return finish(logger, {"step": step, "total_steps": total, "nonfinite": state.nonfinite_steps,
+                           **{f"dev_{k}": v for k, v in dev_metrics.items()}})
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_grpo_config(args.config, args.overrides)
-        train(cfg)
-    except (ConfigError, AdapterError, ckpt.CheckpointError, NonFiniteLoss, FileNotFoundError) as err:
-        if distributed.is_main():
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        distributed.cleanup()
-        return 2 if isinstance(err, ConfigError) else 1
-    distributed.cleanup()
-    return 0
+    return recipe_main("GRPO from an SFT adapter under DeepSpeed ZeRO-2.", GRPOConfig, train, argv)
 
 
 if __name__ == "__main__":

@@ -15,79 +15,44 @@ Shapes: B = batch.micro_size questions per rank, T tokens, F mel frames.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
-from pathlib import Path
-
-import torch
 
 from aqa.backbones import get_backbone
 from aqa.backbones.lora import apply_lora
-from aqa.config import ConfigError, save_config, to_dict
-from aqa.data.cache import build_feature_cache
-from aqa.data.dataset import QADataset, ShardedSampler, collate_examples
-from aqa.data.manifest import load_manifest
+from aqa.data.dataset import ShardedSampler, collate_examples, qa_datasets
 from aqa.eval.dev import evaluate
 from aqa.runtime import checkpoint as ckpt
 from aqa.runtime import distributed
-from aqa.runtime.engine import (
-    accumulation_steps,
-    build_engine,
-    model_dtype,
-    resolve_precision,
-    seed_everything,
-    total_steps,
-)
+from aqa.runtime.engine import accumulation_steps, build_engine, total_steps
 from aqa.runtime.loaders import micro_batches, micro_batches_per_epoch, train_loader
-from aqa.runtime.logging import RunLogger, progress_bar
-from aqa.runtime.nonfinite import NonFiniteLoss
-from aqa.runtime.setup import check_run_dir, require_answers
-from aqa.sft.config import SFTConfig, load_sft_config
-from aqa.sft.step import optimizer_step
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="LoRA SFT under DeepSpeed ZeRO-2.")
-    parser.add_argument("--config", required=True, help="recipe YAML, e.g. configs/qwen2_audio/sft.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 lora.r=16")
-    distributed.add_launcher_args(parser)  # the deepspeed launcher appends --local_rank=N
-    return parser.parse_args(argv)
+from aqa.runtime.logging import progress_bar
+from aqa.runtime.nonfinite import check_loss, confirm_skipped
+from aqa.runtime.recipe import LossWindow, crossed, finish, open_run, recipe_main, resume_state, start_run
+from aqa.sft.config import SFTConfig
+from aqa.sft.step import sft_loss
 
 
 def train(cfg: SFTConfig) -> dict:
     # ================================================================ setup
-    # -- processes: rank and device from the launcher's environment; gloo on CPU, nccl on GPU
-    info = distributed.init()
-    distributed.set_cpu_threads(info)
-    seed_everything(cfg.seed)
-    precision = resolve_precision(cfg.precision, info.device)
-    dtype = model_dtype(precision)
-    run_dir = Path(cfg.output_dir)
-    ckpt_root = run_dir / ckpt.CHECKPOINTS
-    resume_dir = ckpt.resolve_resume(cfg.checkpoint.resume, ckpt_root)
-    check_run_dir(run_dir, resume_dir, cfg.checkpoint.resume)
+    # -- processes (rank and device from the launcher), seeds, precision, the checkpoint to resume
+    run = start_run(cfg)
+    info = run.info
 
     # -- model: the backbone from its directory, LoRA on the language model (audio side only if configured)
-    backbone = get_backbone(cfg.backbone).from_pretrained(cfg.model_path, device=info.device, dtype=dtype,
+    backbone = get_backbone(cfg.backbone).from_pretrained(cfg.model_path, device=run.device, dtype=run.dtype,
                                                           prompt=cfg.prompt)
     model = apply_lora(backbone, cfg.lora)  # only LoRA tensors require grad now
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
 
-    # -- data: manifests, the feature cache (each rank extracts its share once), sampler and loader
-    data_dir = Path(cfg.data_dir)
-    train_m = load_manifest(data_dir / f"{cfg.train_split}.jsonl")
-    require_answers(train_m)
-    dev_m = load_manifest(data_dir / f"{cfg.dev_split}.jsonl") if cfg.dev_split else None
-    cache = build_feature_cache([m for m in (train_m, dev_m) if m is not None],
-                                cfg.cache_dir or run_dir / "feature_cache", backbone.extract_features,
-                                backbone.feature_settings(), rank=info.rank, world_size=info.world_size,
-                                barrier=distributed.barrier, progress=cfg.progress and info.is_main)
-    train_ds = QADataset(train_m, cache, augment=cfg.augment, spec_augment_key=backbone.spec_augment_key,
-                         seed=cfg.seed)  # option shuffling + SpecAugment, seeded per (epoch, item)
-    dev_ds = QADataset(dev_m, cache) if dev_m is not None else None  # canonical order, no augmentation
+    # -- data: train (option shuffling + SpecAugment, seeded per (epoch, item)) and dev (canonical order)
+    #    over one feature cache each rank fills its share of; a sampler per rank, resumable mid-epoch
+    train_ds, dev_ds = qa_datasets(cfg.data_dir, cfg.train_split, cfg.dev_split,
+                                   cfg.cache_dir or run.run_dir / "feature_cache", backbone.extract_features,
+                                   backbone.feature_settings(), augment=cfg.augment,
+                                   spec_augment_key=backbone.spec_augment_key, seed=cfg.seed, rank=info.rank,
+                                   world_size=info.world_size, barrier=distributed.barrier,
+                                   progress=cfg.progress and info.is_main)
     sampler = ShardedSampler(len(train_ds), rank=info.rank, world_size=info.world_size, shuffle=True,
                              seed=cfg.seed)
     loader = train_loader(train_ds, sampler, cfg.batch.micro_size, cfg.num_workers, collate_examples)
@@ -95,35 +60,26 @@ def train(cfg: SFTConfig) -> dict:
     total = total_steps(cfg, micro_batches_per_epoch(sampler, cfg.batch.micro_size), accumulation)
     stop_step = min(total, cfg.checkpoint.stop_at_step or total)
 
-    # -- engine: AdamW + warmup/cosine from the optim section, ZeRO-2 from the DeepSpeed JSON
+    # -- engine: AdamW + warmup/cosine from the optim section, ZeRO-2 from the DeepSpeed JSON; resume
     engine, scheduler, ds_config = build_engine(model, cfg.deepspeed_config, cfg.batch, cfg.optim,
-                                                info.world_size, precision, total)
-
-    # -- resume: weights, optimizer, schedule, sampler position and every RNG exactly as saved
-    state = ckpt.TrainState(world_size=info.world_size)
-    if resume_dir is not None:
-        state = ckpt.load_checkpoint(engine, resume_dir)
-        ckpt.restore_rng(state.rng)
-    logger = RunLogger(run_dir, enabled=info.is_main, report_to=cfg.logging.report_to, config=to_dict(cfg),
-                       project=cfg.logging.project, run_name=cfg.logging.run_name,
-                       resume_step=state.global_step if resume_dir is not None else None)
+                                                info.world_size, run.precision, total)
+    state = resume_state(engine, run)
+    logger = open_run(cfg, run, state, ds_config)
     if info.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n", encoding="utf-8")
-        print(f"sft: {info.world_size} rank(s) on {info.device.type}, {precision}, {n_train:,} of {n_all:,} "
+        print(f"sft: {info.world_size} rank(s) on {run.device.type}, {run.precision}, {n_train:,} of {n_all:,} "
               f"parameters train; {len(train_ds)} questions, {total} steps of {cfg.batch.global_size} "
               f"({accumulation} x {cfg.batch.micro_size} per rank)"
-              + (f"; resumed from {resume_dir.name}" if resume_dir else ""), flush=True)
+              + (f"; resumed from {run.resume_dir.name}" if run.resume_dir else ""), flush=True)
 
-    def save(step: int) -> Path:
+    def save(step: int) -> None:
         state.global_step, state.rng = step, ckpt.capture_rng()
         adapter_state = ckpt.trainable_state(engine, engine.module)  # collective: fp32 masters from ZeRO
-        return ckpt.save_checkpoint(engine, ckpt_root, state, adapter_state, engine.module,
-                                    keep_last=cfg.checkpoint.keep_last)
+        ckpt.save_checkpoint(engine, run.ckpt_root, state, adapter_state, engine.module,
+                             keep_last=cfg.checkpoint.keep_last)
 
     def dev_eval(step: int) -> dict:
         metrics = evaluate(backbone, engine.module, dev_ds, cfg.eval.batch_size, cfg.eval.limit,
-                               progress=cfg.progress)
+                           progress=cfg.progress)
         logger.log(step, metrics, kind="eval")
         return metrics
 
@@ -131,39 +87,45 @@ def train(cfg: SFTConfig) -> dict:
     stream = micro_batches(loader, sampler, state)
     bar = progress_bar(total, initial=engine.global_steps, enabled=info.is_main and cfg.progress, desc="sft")
     logger.attach(bar)
-    loss_sum = torch.zeros(2, dtype=torch.float64)  # [sum of finite micro-batch losses, their count]
+    window = LossWindow(state.global_step)
     last_saved, last_eval, dev_metrics = state.global_step, None, {}
-    tick, last_log = time.perf_counter(), state.global_step
     while engine.global_steps < stop_step:
-        # -- one optimizer step: `accumulation` micro-batches per rank, loss on the answer tokens only;
-        #    a NaN/inf loss on any rank is counted and its step skipped (or the run stops, per config)
-        stats = optimizer_step(engine, backbone, stream, accumulation, state, cfg.nonfinite_loss,
-                                   cfg.max_nonfinite, info.device, dtype)
-        loss_sum += torch.tensor([stats.loss_sum, stats.finite], dtype=torch.float64)
+        # -- one optimizer step: `accumulation` micro-batches per rank, forward and backward; DeepSpeed
+        #    steps on the last. A NaN/inf loss on any rank is counted and the whole step skipped (its NaN
+        #    gradients trip DeepSpeed's overflow check, confirmed below), or the run stops, per config.
+        skipped_before, nonfinite = engine.skipped_steps, 0
+        for _ in range(accumulation):
+            examples = next(stream)  # B questions with cached features
+            loss = sft_loss(backbone, engine, examples, run.device, run.dtype)  # CE on the answer tokens only
+            if check_loss(loss, [e.id for e in examples], cfg.nonfinite_loss, state.nonfinite_steps,
+                          cfg.max_nonfinite, engine.global_steps):
+                state.nonfinite_steps += 1
+                nonfinite += 1
+            else:
+                window.add(loss.item())
+            engine.backward(loss)
+            engine.step()
+        confirm_skipped(engine, skipped_before, nonfinite)
         step = engine.global_steps
         bar.update(1)
 
         # -- log: loss averaged over the micro-batches of every rank since the last line
-        if step % cfg.logging.every_steps == 0 or step == stop_step:
-            summed = distributed.all_reduce_sum(loss_sum)  # [loss sum, micro-batches]
-            elapsed = time.perf_counter() - tick
+        if crossed(step, 1, cfg.logging.every_steps) or step == stop_step:
+            loss_mean, steps_per_s = window.close(step)
             logger.log(step, {
-                "loss": float(summed[0] / summed[1]) if summed[1] else float("nan"),
-                "lr": scheduler.get_last_lr()[0],
+                "loss": loss_mean, "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                 "epoch": state.epoch + state.consumed / sampler.num_samples,
-                "samples_per_s": cfg.batch.global_size * (step - last_log) / max(elapsed, 1e-9),
+                "samples_per_s": cfg.batch.global_size * steps_per_s,
                 "nonfinite": state.nonfinite_steps, "skipped_steps": engine.skipped_steps,
             })
-            loss_sum.zero_()
-            tick, last_log = time.perf_counter(), step
 
         # -- dev accuracy from the option-letter logits, every N steps
-        if dev_ds is not None and cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
+        if dev_ds is not None and crossed(step, 1, cfg.eval.every_steps):
             dev_metrics, last_eval = dev_eval(step), step
 
         # -- checkpoint every N steps (DeepSpeed state + train state + adapter)
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+        if crossed(step, 1, cfg.checkpoint.every_steps):
             save(step)
             last_saved = step
     bar.close()
@@ -174,30 +136,16 @@ def train(cfg: SFTConfig) -> dict:
         dev_metrics = dev_eval(step)
     if last_saved != step:
         save(step)
-    adapter_state = ckpt.trainable_state(engine, engine.module)
+    adapter_state = ckpt.trainable_state(engine, engine.module)  # collective
     if info.is_main:
-        ckpt.save_adapter(engine.module, run_dir / ckpt.ADAPTER, adapter_state)
-        print(f"sft: step {step}/{total}; adapter in {run_dir / ckpt.ADAPTER}", flush=True)
-    summary = {"step": step, "total_steps": total, "nonfinite": state.nonfinite_steps,
-               "skipped_steps": engine.skipped_steps, **{f"dev_{k}": v for k, v in dev_metrics.items()}}
-    logger.summary(summary)
-    logger.close()
-    distributed.barrier()
-    return summary
+        ckpt.save_adapter(engine.module, run.run_dir / ckpt.ADAPTER, adapter_state)
+        print(f"sft: step {step}/{total}; adapter in {run.run_dir / ckpt.ADAPTER}", flush=True)
+    return finish(logger, {"step": step, "total_steps": total, "nonfinite": state.nonfinite_steps,
+                           "skipped_steps": engine.skipped_steps, **{f"dev_{k}": v for k, v in dev_metrics.items()}})
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_sft_config(args.config, args.overrides)
-        train(cfg)
-    except (ConfigError, ckpt.CheckpointError, NonFiniteLoss, FileNotFoundError) as err:
-        if distributed.is_main():
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        distributed.cleanup()
-        return 2 if isinstance(err, ConfigError) else 1
-    distributed.cleanup()
-    return 0
+    return recipe_main("LoRA SFT under DeepSpeed ZeRO-2.", SFTConfig, train, argv)
 
 
 if __name__ == "__main__":

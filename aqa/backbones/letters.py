@@ -9,9 +9,10 @@ from collections.abc import Callable
 import torch
 
 from aqa.data.prompts import LETTERS, PromptConfig
+from aqa.errors import UserError
 
 
-class ScoringError(ValueError):
+class ScoringError(UserError, ValueError):
     """Option letters cannot be scored as configured; the message says what to change."""
 
 

@@ -16,12 +16,13 @@ from typing import Any
 from torch import nn
 
 from aqa.backbones.base import Backbone
+from aqa.errors import UserError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError, ValueError):
     """An adapter that does not belong to this base model, or is incomplete; the message says why."""
 
 

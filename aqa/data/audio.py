@@ -13,12 +13,14 @@ import librosa
 import numpy as np
 import soundfile as sf
 
+from aqa.errors import UserError
+
 SAMPLE_RATE = 16000  # every backbone in this project (Whisper-style front ends) expects 16 kHz
 MIN_DURATION_S = 0.05  # shorter clips hold less than one 25 ms analysis window pair: nothing to hear
 RESAMPLE_TYPE = "soxr_hq"
 
 
-class AudioError(ValueError):
+class AudioError(UserError, ValueError):
     """An audio file that cannot be used; the message says why in plain words."""
 
 

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from aqa.data.audio import RESAMPLE_TYPE, SAMPLE_RATE, AudioError, load_audio
 from aqa.data.manifest import Manifest
+from aqa.errors import UserError
 
 FORMAT_VERSION = 1  # bump when the row layout changes: old caches then land in a different directory
 WAVE_KEY = "wave"  # the feature name used when no extractor is given: the decoded 16 kHz wave [S]
@@ -61,7 +62,7 @@ _FEATURES = datasets.Features(
 )
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """The feature cache cannot give what was asked; the message says how to fix it."""
 
 

@@ -45,11 +45,12 @@ from aqa.data.manifest import (
     write_dataset_info,
 )
 from aqa.data.validate import RecordError, parse_record, validate_record
+from aqa.errors import UserError
 
 QUARANTINE_FILE = "quarantine.jsonl"
 
 
-class ConversionError(RuntimeError):
+class ConversionError(UserError, RuntimeError):
     """The input cannot be read at all, or nothing survived validation. The message names the fix."""
 
 

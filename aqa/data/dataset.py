@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset, Sampler
 
+from aqa.config import ConfigError
 from aqa.data.augment import AugmentConfig, shuffle_options, spec_augment
 from aqa.data.cache import FeatureCache
 from aqa.data.example import Example
@@ -103,6 +105,36 @@ class QADataset(Dataset):
         meta: dict[str, Any] = {**record.meta, "part": record.part, "option_perm": perm}
         return Example(id=record.id, question=record.question, choices=choices, answer_index=answer,
                        features=features, meta=meta)
+
+
+def qa_datasets(data_dir: str | Path, train_split: str, dev_split: str | None, cache_dir: str | Path,
+                extract: Any, settings: dict, *, augment: AugmentConfig, spec_augment_key: str | None, seed: int,
+                rank: int = 0, world_size: int = 1, barrier: Any = None,
+                progress: bool = False) -> tuple[QADataset, QADataset | None]:
+    """The train split (answered; augmented, seeded per (epoch, item)) and the dev split (canonical order, no
+    augmentation) of ``data_dir``, over one feature cache that each rank fills its share of, once.
+
+    ``extract``/``settings``: the backbone's feature extractor and its settings (empty settings: a backbone
+    that reads no audio, and no clip is decoded)."""
+    from aqa.data.cache import build_feature_cache
+    from aqa.data.manifest import load_manifest
+
+    data_dir = Path(data_dir)
+    train_m = load_manifest(data_dir / f"{train_split}.jsonl")
+    require_answers(train_m)
+    dev_m = load_manifest(data_dir / f"{dev_split}.jsonl") if dev_split else None
+    cache = build_feature_cache([m for m in (train_m, dev_m) if m is not None], cache_dir, extract, settings,
+                                rank=rank, world_size=world_size, barrier=barrier, progress=progress)
+    train_ds = QADataset(train_m, cache, augment=augment, spec_augment_key=spec_augment_key, seed=seed)
+    return train_ds, (QADataset(dev_m, cache) if dev_m is not None else None)
+
+
+def require_answers(manifest: Manifest) -> None:
+    """Training needs answers: a split without them (eval) cannot be the train split."""
+    missing = [r.id for r in manifest.records if r.answer is None]
+    if missing:
+        raise ConfigError(f"{manifest.path} has {len(missing)} questions without an answer (e.g. {missing[0]}); "
+                            "train_split must name an answered split such as train.")
 
 
 def collate_examples(batch: list[Example]) -> list[Example]:

@@ -13,11 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aqa.errors import UserError
+
 SPLITS = ("train", "dev", "eval")
 DATASET_FILE = "dataset.json"
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A manifest that cannot be read as the contract says."""
 
 

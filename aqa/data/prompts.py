@@ -14,13 +14,13 @@ class PromptConfig:
 
     # {question} and {options} are filled in; {options} is one line per option, formatted by option_format.
     template: str = "{question}\n{options}\nAnswer with the option's letter."
-    option_format: str = "({letter}) {text}"
+    option_format: str = "({letter}) {text}"  # one option line; fields: letter, text
     # The SFT target: the letter alone ("{letter}") or with its text ("({letter}) {text}").
     target_format: str = "{letter}"
     # Text backbones (text_llm) read the clip as its detected sound events (``meta.events``, as written by
     # data_prep.sed_events) placed before the question; audio backbones ignore these five keys.
     events: bool = True  # false: the question and options alone (the cascade's no-events ablation)
-    events_header: str = "Sound events detected in the audio:"
+    events_header: str = "Sound events detected in the audio:"  # the line above the event list
     event_format: str = "{onset:.1f}-{offset:.1f} s: {label} ({score:.2f})"  # fields: label onset offset score
     no_events_text: str = "No sound events were detected."  # a clip whose event list is empty
     max_events: int | None = None  # keep the N highest-scoring events (None: all), listed by onset

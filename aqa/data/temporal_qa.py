@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from aqa.config import load_config
+from aqa.errors import UserError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "data" / "audioset_strong.yaml"
 TSV_COLUMNS = ["segment_id", "start_time_seconds", "end_time_seconds", "label"]
@@ -55,7 +56,7 @@ PHRASES = {
 }
 
 
-class AnnotationError(ValueError):
+class AnnotationError(UserError, ValueError):
     """A TSV or label map that cannot be read at all; the message names the file and the fix."""
 
 

@@ -18,13 +18,14 @@ from typing import Any
 from aqa.data.audio import AudioError, decode_audio
 from aqa.data.manifest import SPLITS, Record
 from aqa.data.prompts import LETTERS
+from aqa.errors import UserError
 
 MIN_CHOICES = 2  # a question with one option has no question in it
 MAX_CHOICES = len(LETTERS)  # each option needs a letter in the prompt
 REQUIRED_FIELDS = ("id", "part", "split", "audio", "question", "choices", "answer")
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A source record that cannot become a manifest Record; the message is the quarantine reason."""
 
 

@@ -1,21 +1,24 @@
-"""Training-time dev accuracy: option-letter logits in canonical order, split over ranks.
+"""Training-time dev accuracy: option-letter logits in canonical order, split over ranks, scored by the same
+:func:`~aqa.eval.metrics.accuracy_by_part` that inference writes into ``metrics.json``.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
 from torch import nn
 
+from aqa.eval.metrics import accuracy_by_part
 from aqa.runtime import distributed
 
 
-# -- evaluation --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(backbone: Any, model: nn.Module, dataset, batch_size: int, limit: int | None = None,
              progress: bool = False) -> dict[str, float]:
-    """Option-logit accuracy on ``dataset`` (canonical option order), split over ranks and summed.
+    """Option-logit accuracy on ``dataset`` (a ``QADataset`` in canonical option order); each rank scores
+    every ``world_size``-th question and the rows are gathered, so every rank returns the same numbers.
 
     Every rank must call it. Returns ``accuracy`` (question-weighted), ``arithmetic_mean`` over parts,
     ``acc_<part>`` per part and ``n``.
@@ -23,22 +26,19 @@ def evaluate(backbone: Any, model: nn.Module, dataset, batch_size: int, limit: i
     from tqdm.auto import tqdm
 
     n = len(dataset) if limit is None else min(limit, len(dataset))
-    parts = sorted({dataset.manifest.records[i].part for i in range(n)})
     mine = list(range(distributed.rank(), n, distributed.world_size()))
-    hits = torch.zeros(len(parts), dtype=torch.float64)
-    counts = torch.zeros(len(parts), dtype=torch.float64)
+    rows: list[str] = []  # one JSON row per question: {"part", "correct", "answer"}
     for start in tqdm(range(0, len(mine), batch_size), desc="dev", unit="batch", leave=False,
                       disable=not (progress and distributed.is_main())):
         examples = [dataset[i] for i in mine[start : start + batch_size]]
         logits = backbone.option_logits(model, examples)  # per question [1, N], canonical order
         for ex, row in zip(examples, logits):
-            p = parts.index(ex.meta["part"])
-            counts[p] += 1
-            hits[p] += float(int(row[0].argmax()) == ex.answer_index)
-    hits, counts = distributed.all_reduce_sum(hits), distributed.all_reduce_sum(counts)
-    per_part = {part: float(hits[i] / counts[i]) for i, part in enumerate(parts) if counts[i] > 0}
-    out = {"accuracy": float(hits.sum() / counts.sum()) if counts.sum() else float("nan"),
-           "arithmetic_mean": sum(per_part.values()) / len(per_part) if per_part else float("nan"),
-           "n": int(counts.sum())}
-    out.update({f"acc_{part}": acc for part, acc in per_part.items()})
+            correct = float(int(row[0].argmax()) == ex.answer_index)
+            rows.append(json.dumps({"part": ex.meta["part"], "correct": correct, "answer": ex.answer_index}))
+    gathered = [json.loads(r) for rank_rows in distributed.all_gather_strings(rows) for r in rank_rows]
+    acc = accuracy_by_part(gathered, correct_key="correct")
+    nan = float("nan")
+    out = {"accuracy": acc["weighted_mean"] if acc["n"] else nan,
+           "arithmetic_mean": acc["arithmetic_mean"] if acc["n"] else nan, "n": acc["n"]}
+    out.update({f"acc_{part}": value for part, value in acc["per_part"].items()})
     return out

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from aqa.config import ConfigError, to_dict
+from aqa.data.dataset import QADataset
 from aqa.data.example import Example
 from aqa.data.manifest import Manifest, Record, load_manifest
 from aqa.data.prompts import PromptConfig
@@ -40,19 +41,19 @@ class InferConfig:
     model_path: str  # base model dir (with ``adapter``) or a merged model dir
     data_dir: str  # manifest dir with <split>.jsonl and dataset.json
     output_dir: str  # predictions land in <output_dir>/<split>/
-    backbone: str = "qwen2_audio"
+    backbone: str = "qwen2_audio"  # registered backbone: qwen2_audio, kimi_audio, text_llm
     adapter: str | None = None  # PEFT adapter dir trained on model_path; None for a base or merged model
     model_name: str | None = None  # the predictions' "model" field; None: the adapter's or model's dir name
-    mode: Literal["logits", "generate"] = "logits"
+    mode: Literal["logits", "generate"] = "logits"  # logits: option-letter likelihood; generate: parse the answer
     permutations: int = 1  # K option orders per question (logits mode); canonical order first
     max_new_tokens: int = 32  # generate mode
-    batch_size: int = 8
+    batch_size: int = 8  # questions per forward pass
     seed: int = 0  # option orders are drawn per question from (seed, id)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    device: str = "auto"
+    device: str = "auto"  # auto: cuda if available, else cpu; or a torch device string
     cache_dir: str | None = None  # feature cache dir; None computes features in memory
     limit: int | None = None  # score only the first N questions (smoke runs)
-    progress: bool = True
+    progress: bool = True  # a progress bar
     prompt: PromptConfig = field(default_factory=PromptConfig)
 
     def __post_init__(self) -> None:
@@ -95,26 +96,21 @@ def load_scoring_backbone(cfg: InferConfig):
 
 
 class FeatureSource:
-    """Features per audio file: from the feature cache when configured, else computed once and kept."""
+    """Features per audio file, as :class:`~aqa.data.dataset.QADataset` asks for them (``get(path)``): from the
+    feature cache when configured, else computed once per file and kept."""
 
     def __init__(self, backbone, manifest: Manifest, records: list[Record], cache_dir: str | None, progress: bool):
         self.backbone = backbone
-        self.manifest = manifest
         self._memo: dict[Path, dict[str, Any]] = {}
         self.cache = None
-        # empty feature settings: a backbone that reads no audio (text LLM over events); no clip is decoded
-        self.reads_audio = bool(backbone.feature_settings())
-        if cache_dir and records and self.reads_audio:
+        if cache_dir and records:
             from aqa.data.cache import FeatureCache
 
             self.cache = FeatureCache(cache_dir, backbone.feature_settings())
             paths = [manifest.audio_path(r) for r in records]
             self.cache.ensure(paths, backbone.extract_features, progress=progress)
 
-    def __call__(self, record: Record) -> dict[str, Any]:
-        if not self.reads_audio:
-            return {}
-        path = self.manifest.audio_path(record)
+    def get(self, path: Path) -> dict[str, Any]:
         if self.cache is not None:
             return self.cache.get(path)
         if path not in self._memo:
@@ -122,12 +118,6 @@ class FeatureSource:
 
             self._memo[path] = self.backbone.extract_features(load_audio(path))
         return self._memo[path]
-
-
-def to_example(record: Record, features: dict[str, Any]) -> Example:
-    """A record in canonical order as the backbone sees it."""
-    return Example(id=record.id, question=record.question, choices=list(record.choices),
-                   answer_index=record.answer_index, features=features, meta=dict(record.meta))
 
 
 def orders_for(record: Record, k: int, seed: int) -> list[list[int]]:
@@ -243,13 +233,17 @@ def run_inference(cfg: InferConfig, split: str) -> dict[str, Any]:
 
     if pending:
         backbone = load_scoring_backbone(cfg)
-        features = FeatureSource(backbone, manifest, pending, cfg.cache_dir, cfg.progress)
+        # the questions left, as the training dataset builds them (canonical order, no augmentation); a
+        # backbone that reads no audio (empty feature settings: a text LLM over events) decodes no clip
+        reads_audio = bool(backbone.feature_settings())
+        features = FeatureSource(backbone, manifest, pending, cfg.cache_dir, cfg.progress) if reads_audio else None
+        dataset = QADataset(Manifest(path=manifest.path, audio_root=manifest.audio_root, records=pending), features)
         with pred_path.open("a", encoding="utf-8") as fh, tqdm(
             total=len(pending), desc=f"{split} ({cfg.mode})", unit="q", disable=not cfg.progress
         ) as bar:
             for start in range(0, len(pending), cfg.batch_size):
                 batch = pending[start : start + cfg.batch_size]
-                examples = [to_example(r, features(r)) for r in batch]
+                examples = [dataset[i] for i in range(start, start + len(batch))]
                 for row in score_batch(backbone, batch, examples, cfg, model_name):
                     fh.write(json.dumps(row, ensure_ascii=False) + "\n")
                     done[row["id"]] = row

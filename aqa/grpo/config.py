@@ -37,6 +37,8 @@ class GRPOSection:
 
 @dataclass
 class GRPOBatchConfig:
+    """GRPO's batch: questions per rank per micro-batch, and micro-batches per optimizer step."""
+
     per_device: int = 8  # questions per rank per micro-batch (each sampled G times)
     gradient_accumulation: int = 5  # micro-batches per optimizer step
 
@@ -47,21 +49,21 @@ class GRPOConfig:
 
     model_path: str  # the base model directory SFT was trained on
     sft_adapter: str  # <sft output_dir>/adapter: the starting policy and the reference
-    data_dir: str
-    output_dir: str
-    backbone: str = "qwen2_audio"
-    train_split: str = "train"
-    dev_split: str | None = "dev"
-    cache_dir: str | None = None
-    epochs: float = 1.0
+    data_dir: str  # manifest directory with <split>.jsonl and dataset.json
+    output_dir: str  # the run dir
+    backbone: str = "qwen2_audio"  # registered backbone: qwen2_audio, kimi_audio, text_llm
+    train_split: str = "train"  # <data_dir>/<train_split>.jsonl is trained on (must have answers)
+    dev_split: str | None = "dev"  # dev accuracy is scored on it; None: no evaluation
+    cache_dir: str | None = None  # feature cache (None: <output_dir>/feature_cache)
+    epochs: float = 1.0  # passes over the train split (when max_steps is null)
     max_steps: int | None = None  # optimizer steps; overrides epochs
-    seed: int = 0
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    deepspeed_config: str = "configs/deepspeed/zero2.json"
-    num_workers: int = 0
+    seed: int = 0  # python/numpy/torch seeds (init, dropout); data order and augmentation derive from it
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    deepspeed_config: str = "configs/deepspeed/zero2.json"  # ZeRO JSON; batch sizes and clipping come from here
+    num_workers: int = 0  # DataLoader workers per rank
     nonfinite_loss: Literal["skip", "stop"] = "skip"  # as in SFT: skip the step and count it, or stop
-    max_nonfinite: int | None = None
-    progress: bool = True
+    max_nonfinite: int | None = None  # stop anyway once this many micro-batches were non-finite
+    progress: bool = True  # a progress bar on rank 0
     grpo: GRPOSection = field(default_factory=GRPOSection)
     batch: GRPOBatchConfig = field(default_factory=GRPOBatchConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -116,9 +118,3 @@ def total_rounds(cfg: GRPOConfig, micro_per_epoch: int) -> int:
     if cfg.max_steps is not None:
         return math.ceil(cfg.max_steps / cfg.grpo.num_iterations)
     return max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.batch.gradient_accumulation))
-
-
-def crossed(step: int, advanced: int, every: int) -> bool:
-    """True when the last ``advanced`` steps (ending at ``step``) passed a multiple of ``every`` (0: never).
-    A round advances ``num_iterations`` steps at once, so ``step % every == 0`` could jump over it."""
-    return every > 0 and (step - advanced) // every < step // every

@@ -33,7 +33,7 @@ def _global_mean(values: list[float]) -> float:
 def rollout_metrics(groups: list[Group]) -> dict[str, float]:
     """Reward mean/std, zero-std group fraction, per-reward means and completion length, over all ranks.
     Every rank must call it."""
-    rewards = torch.cat([gather_rows(g.rewards) for g in groups])  # [W*B*A, G]
+    rewards = torch.cat([g.adv.gathered for g in groups])  # [W*B*A, G], gathered once by the advantages
     lengths = [float(g.rollout.completion_mask.sum(-1).float().mean()) for g in groups]
     out = {
         "reward_mean": float(rewards.mean()),

@@ -20,9 +20,18 @@ class Advantages:
 
     values: torch.Tensor  # [B, G] this rank's questions
     zero_std: torch.Tensor  # [B] bool: this rank's groups whose rewards are all equal
-    reward_mean: float  # over every completion of every rank
-    reward_std: float  # std of all completions' rewards (not per group)
+    gathered: torch.Tensor  # [W*B, G] float: every rank's rewards, gathered once and kept for the statistics
     zero_std_frac: float  # fraction of groups, over every rank, with all rewards equal
+
+    @property
+    def reward_mean(self) -> float:
+        """Over every completion of every rank."""
+        return float(self.gathered.mean())
+
+    @property
+    def reward_std(self) -> float:
+        """Std of all completions' rewards (not per group)."""
+        return float(self.gathered.std()) if self.gathered.numel() > 1 else 0.0
 
 
 def group_advantages(
@@ -55,7 +64,6 @@ def group_advantages(
     return Advantages(
         values=adv[rows].to(rewards.dtype if rewards.is_floating_point() else torch.float32),
         zero_std=zero[rows],
-        reward_mean=float(everything.mean()),
-        reward_std=float(everything.std()) if everything.numel() > 1 else 0.0,
+        gathered=everything,
         zero_std_frac=float(zero.float().mean()),
     )

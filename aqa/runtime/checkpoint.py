@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from aqa.config import ConfigError
+from aqa.errors import UserError
 from aqa.runtime import distributed
 
 CHECKPOINTS = "checkpoints"
@@ -44,7 +46,7 @@ DEEPSPEED_SAFE_GLOBALS = (
 )
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be resumed from; the message says what to do."""
 
 
@@ -136,6 +138,15 @@ def find_latest(ckpt_root: str | Path) -> Path | None:
     """The newest complete checkpoint (a run killed while saving leaves one without ``COMPLETE``)."""
     found = list_checkpoints(ckpt_root)
     return found[-1] if found else None
+
+
+def check_run_dir(run_dir: str | Path, resume_dir: Path | None, resume: str) -> None:
+    """Refuse a fresh start (``resume=none``) in a run dir that holds checkpoints of an earlier run: a later
+    ``resume=auto`` would mix the two runs."""
+    existing = list_checkpoints(Path(run_dir) / CHECKPOINTS)
+    if resume_dir is None and existing and resume != "auto":
+        raise ConfigError(f"{run_dir} holds checkpoints of an earlier run ({existing[-1].name}); resume it with "
+                          "checkpoint.resume=auto, or pick another output_dir.")
 
 
 def resolve_resume(resume: str | None, ckpt_root: str | Path) -> Path | None:

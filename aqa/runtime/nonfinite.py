@@ -4,13 +4,16 @@ naming the batch.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from aqa.errors import UserError
 from aqa.runtime import distributed
 
 
 # -- non-finite losses -----------------------------------------------------------------------------------
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(UserError, RuntimeError):
     """A NaN/inf loss with ``nonfinite_loss: stop`` (or too many of them); names the batch's question ids."""
 
 
@@ -35,3 +38,14 @@ def check_loss(loss: torch.Tensor, ids: list[str], policy: str, seen: int, limit
         raise NonFiniteLoss(f"{seen + 1} micro-batches had a non-finite loss (max_nonfinite={limit}); the last one "
                             f"at step {step + 1} held {bad_ids}. The run has diverged: lower optim.lr.")
     return True
+
+
+def confirm_skipped(engine: Any, skipped_before: int, nonfinite: int) -> bool:
+    """After an optimizer step whose window held ``nonfinite`` non-finite micro-batches: check that DeepSpeed
+    really skipped it (its overflow check saw the NaN gradients), rather than trusting it. Returns whether
+    the step was skipped."""
+    skipped = engine.skipped_steps > skipped_before
+    if nonfinite and not skipped:
+        raise RuntimeError("DeepSpeed applied a step with non-finite gradients; enable its overflow check "
+                           "(bf16.check_grad_overflow: true) in the DeepSpeed config.")
+    return skipped

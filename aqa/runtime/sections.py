@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 class OptimConfig:
     """AdamW with a cosine schedule after a linear warmup."""
 
-    lr: float = 5e-5
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    lr: float = 5e-5  # peak learning rate
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's moment decay rates
+    eps: float = 1e-8  # Adam's denominator floor
     warmup_ratio: float = 0.0  # share of the total steps spent warming up
     warmup_steps: int | None = None  # overrides warmup_ratio when set
     min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
@@ -23,20 +23,26 @@ class OptimConfig:
 
 @dataclass
 class BatchConfig:
+    """The global batch and how each rank splits it into micro-batches (accumulation is derived)."""
+
     global_size: int = 32  # examples per optimizer step, all ranks together
     micro_size: int = 1  # examples per rank per forward pass
 
 
 @dataclass
 class EvalConfig:
+    """Dev accuracy during training (option-letter logits, canonical order)."""
+
     every_steps: int = 0  # dev option-logit accuracy every N steps (0: only at the end)
     batch_size: int = 8  # questions per forward pass, per rank
     limit: int | None = None  # score only the first N dev questions (None: all)
-    at_end: bool = True
+    at_end: bool = True  # also evaluate after the last step
 
 
 @dataclass
 class CheckpointConfig:
+    """DeepSpeed checkpoints for exact resume."""
+
     every_steps: int = 0  # DeepSpeed checkpoint + adapter every N steps (0: only at the end)
     keep_last: int | None = 2  # complete checkpoints kept (None: all)
     resume: str = "auto"  # auto (the latest, or fresh), none, or a checkpoints/step_N directory
@@ -45,7 +51,9 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
+    """metrics.jsonl, the console and (optionally) W&B, offline unless WANDB_MODE says otherwise."""
+
     report_to: list[str] = field(default_factory=list)  # [] or [wandb]
-    project: str = "aqa"
-    run_name: str | None = None
-    every_steps: int = 10
+    project: str = "aqa"  # W&B project
+    run_name: str | None = None  # W&B run name (None: W&B picks one)
+    every_steps: int = 10  # a metrics line every N optimizer steps

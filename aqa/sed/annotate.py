@@ -22,6 +22,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from aqa.data.manifest import Record, load_manifest, read_jsonl, write_dataset_info, write_jsonl
+from aqa.errors import UserError
 from aqa.sed.calibration import Calibration, CalibrationError
 from aqa.sed.events import EventConfig, decode_events
 from aqa.sed.posteriors import PosteriorConfig, SedDetector, score_clips
@@ -29,7 +30,7 @@ from aqa.sed.posteriors import PosteriorConfig, SedDetector, score_clips
 EVENTS_DIR = "events"
 
 
-class EventsError(ValueError):
+class EventsError(UserError, ValueError):
     """Events that do not fit the manifest; the message lists the ids."""
 
 

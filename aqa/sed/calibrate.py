@@ -16,14 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from aqa.config import ConfigError, load_config
+from aqa.config import load_config
+from aqa.errors import UserError
 from aqa.sed.calibration import Calibration, CalibrationError, cllr, fit_calibration, logit
 from aqa.sed.fbank import num_frames
-from aqa.sed.labels import LabelMapError
 from aqa.sed.posteriors import PosteriorConfig, SedDetector, row_seconds, score_clips
 from aqa.sed.reliability import sed_reliability_diagram
-from aqa.sed.strong import StrongLabelError, class_priors, load_strong_clips, num_samples_16k, segment_targets
-from aqa.sed.weights import SedCheckpointError
+from aqa.sed.strong import class_priors, load_strong_clips, num_samples_16k, segment_targets
 
 
 @dataclass
@@ -155,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(CalibrateConfig, args.config, args.overrides)
         run(cfg)
-    except (ConfigError, CalibrationError, StrongLabelError, SedCheckpointError, LabelMapError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

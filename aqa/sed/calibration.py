@@ -27,12 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from aqa.errors import UserError
 from aqa.sed.labels import LabelMap
 
 LN2 = math.log(2.0)
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserError, ValueError):
     """A calibration file that does not fit the SED, or inputs that cannot be calibrated."""
 
 

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aqa.errors import UserError
+
 CONFIG_FILE = "config.json"
 MODEL_TYPE = "beats"
 
 
-class BeatsConfigError(ValueError):
+class BeatsConfigError(UserError, ValueError):
     """A BEATs config that cannot build the model; the message names the key and the fix."""
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from aqa.sed.labels import LabelMapError, read_display_names
-from aqa.sed.weights import SedCheckpointError, convert_official
+from aqa.errors import UserError
+from aqa.sed.labels import read_display_names
+from aqa.sed.weights import convert_official
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         names = read_display_names(args.names) if args.names else None
         summary = convert_official(args.checkpoint, args.out, names)
-    except (SedCheckpointError, LabelMapError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {args.out}: {summary['tensors']} tensors, {summary['classes']} classes")

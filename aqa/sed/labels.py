@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aqa.errors import UserError
+
 LABELS_FILE = "labels.json"
 
 
-class LabelMapError(ValueError):
+class LabelMapError(UserError, ValueError):
     """A label map that does not fit the model or cannot be read; the message says what to pass."""
 
 

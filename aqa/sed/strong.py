@@ -21,10 +21,11 @@ import soundfile as sf
 
 from aqa.data.manifest import load_manifest
 from aqa.data.temporal_qa import AnnotationError, read_strong_tsv
+from aqa.errors import UserError
 from aqa.sed.labels import LabelMap
 
 
-class StrongLabelError(ValueError):
+class StrongLabelError(UserError, ValueError):
     """Strong labels that cannot be matched to the manifest; the message says what to check."""
 
 

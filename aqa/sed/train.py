@@ -39,10 +39,12 @@ CROP_STREAM = 2  # item_rng stream of the training crop position (0, 1 are the Q
 
 @dataclass
 class SedDataConfig:
+    """Where the strong labels and their audio come from, and how clips become training crops."""
+
     train_manifest: str  # manifest whose audio the strong labels describe
     train_tsv: str  # AudioSet-Strong style TSV: segment_id, start, end, MID
-    dev_manifest: str | None = None
-    dev_tsv: str | None = None
+    dev_manifest: str | None = None  # dev clips for loss / F1 (with dev_tsv; None: no evaluation)
+    dev_tsv: str | None = None  # the dev clips' strong labels
     labels: str | None = None  # class set to train (mid_to_display_name.tsv / class_labels_indices.csv); None: the init model's
     drop_labels: list[str] = field(default_factory=list)  # display names or MIDs left out of that set
     min_overlap: float = 0.5  # share of a row (or of a shorter event) an event must cover to mark it
@@ -53,36 +55,40 @@ class SedDataConfig:
 class SedModelOverrides:
     """Regularisation settings that replace the init model's config for training (None keeps its value)."""
 
-    dropout: float | None = None
-    attention_dropout: float | None = None
+    dropout: float | None = None  # residual/FFN dropout
+    attention_dropout: float | None = None  # dropout on attention weights
     encoder_layerdrop: float | None = None  # keep 0 with several ranks unless ZeRO tolerates unused layers
-    predictor_dropout: float | None = None
-    layer_wise_gradient_decay_ratio: float | None = None
+    predictor_dropout: float | None = None  # dropout before the classification head
+    layer_wise_gradient_decay_ratio: float | None = None  # BEATs' per-layer gradient scale (1: off)
 
 
 @dataclass
 class SedEvalConfig:
+    """Dev loss and segment F1 during training."""
+
     every_steps: int = 0  # dev loss / F1 every N steps (0: only at the end)
-    batch_size: int = 8
+    batch_size: int = 8  # clips per forward pass, per rank
     threshold: float = 0.5  # segment-level micro F1 of the raw probabilities at this threshold
-    at_end: bool = True
+    at_end: bool = True  # also evaluate after the last step
 
 
 @dataclass
 class SedTrainConfig:
+    """The ``train/sed.py`` config."""
+
     init_from: str  # SED directory to start from (aqa.sed.convert of an official checkpoint, or aqa.sed.tiny)
     output_dir: str  # run dir; the trained SED directory is written to <output_dir>/model
-    data: SedDataConfig
+    data: SedDataConfig  # the strong-labelled clips to train on
     cache_dir: str | None = None  # fbank cache (None: <output_dir>/fbank_cache)
-    epochs: float = 1.0
-    max_steps: int | None = None
-    seed: int = 0
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    deepspeed_config: str = "configs/deepspeed/zero2.json"
-    num_workers: int = 0
-    nonfinite_loss: Literal["skip", "stop"] = "skip"
-    max_nonfinite: int | None = None
-    progress: bool = True
+    epochs: float = 1.0  # passes over the train split (when max_steps is null)
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    seed: int = 0  # python/numpy/torch seeds (init, dropout); data order and augmentation derive from it
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    deepspeed_config: str = "configs/deepspeed/zero2.json"  # ZeRO JSON; batch sizes and clipping come from here
+    num_workers: int = 0  # DataLoader workers per rank
+    nonfinite_loss: Literal["skip", "stop"] = "skip"  # skip the step and count it, or stop with the batch's ids
+    max_nonfinite: int | None = None  # stop anyway once this many micro-batches were non-finite
+    progress: bool = True  # a progress bar on rank 0
     model: SedModelOverrides = field(default_factory=SedModelOverrides)
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)

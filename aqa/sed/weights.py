@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from aqa.errors import UserError
 from aqa.sed.beats import BeatsModel
 from aqa.sed.config import BeatsConfig, load_beats_config, save_beats_config
 from aqa.sed.labels import LabelMap
@@ -23,7 +24,7 @@ from aqa.sed.labels import LabelMap
 WEIGHTS_FILE = "model.safetensors"
 
 
-class SedCheckpointError(ValueError):
+class SedCheckpointError(UserError, ValueError):
     """A SED checkpoint that cannot be loaded; the message names the tensors or the fix."""
 
 

@@ -24,19 +24,19 @@ class SFTConfig:
     model_path: str  # HF model directory (tiny or 7B)
     data_dir: str  # manifest directory with <split>.jsonl and dataset.json
     output_dir: str  # the run dir
-    backbone: str = "qwen2_audio"
-    train_split: str = "train"
+    backbone: str = "qwen2_audio"  # registered backbone: qwen2_audio, kimi_audio, text_llm
+    train_split: str = "train"  # <data_dir>/<train_split>.jsonl is trained on (must have answers)
     dev_split: str | None = "dev"  # None: no evaluation
     cache_dir: str | None = None  # feature cache (None: <output_dir>/feature_cache)
-    epochs: float = 1.0
+    epochs: float = 1.0  # passes over the train split (when max_steps is null)
     max_steps: int | None = None  # overrides epochs when set
-    seed: int = 0
+    seed: int = 0  # python/numpy/torch seeds (init, dropout); data order and augmentation derive from it
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    deepspeed_config: str = "configs/deepspeed/zero2.json"
+    deepspeed_config: str = "configs/deepspeed/zero2.json"  # ZeRO JSON; batch sizes and clipping come from here
     num_workers: int = 0  # DataLoader workers per rank
     nonfinite_loss: Literal["skip", "stop"] = "skip"  # skip the step and count it, or stop with the batch's ids
     max_nonfinite: int | None = None  # stop anyway once this many micro-batches were non-finite
-    progress: bool = True
+    progress: bool = True  # a progress bar on rank 0
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -17,11 +17,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from aqa.errors import UserError
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that does not fit the module; the message names the tensors."""
 
 
