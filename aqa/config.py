@@ -173,9 +173,17 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return _build(cls, data)
 
 
+def ordered_fields(cls: type) -> list[dataclasses.Field]:
+    """A config's fields with its own first (model, data, output) and inherited shared settings after."""
+    own = set(getattr(cls, "__annotations__", {}))
+    fields = dataclasses.fields(cls)
+    return [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain data, for run dirs and W&B."""
-    return dataclasses.asdict(cfg)
+    """The config as plain data, for run dirs and W&B (the recipe's own keys first)."""
+    data = dataclasses.asdict(cfg)
+    return {f.name: data[f.name] for f in ordered_fields(type(cfg))}
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
@@ -201,7 +209,7 @@ def _field_comments(cls: type) -> dict[str, str]:
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT and lines[tok.start[0] - 1][: tok.start[1]].strip():
             trailing[tok.start[0]] = tok.string.lstrip("#").strip()
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = set(getattr(cls, "__annotations__", {}))
     out: dict[str, str] = {}
     above: list[str] = []
     for number, line in enumerate(lines, start=1):
@@ -229,9 +237,12 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
     A field's help is the comment on its line in the source; a section's fields follow its own row.
     """
     rows: list[tuple[str, str, str, str]] = []
-    comments = _field_comments(cls)
+    comments: dict[str, str] = {}
+    for base in reversed(cls.__mro__):  # a subclass's comment wins over its base's
+        if dataclasses.is_dataclass(base):
+            comments.update(_field_comments(base))
     types_ = _field_types(cls)
-    for f in dataclasses.fields(cls):
+    for f in ordered_fields(cls):
         key, tp = prefix + f.name, types_[f.name]
         if dataclasses.is_dataclass(tp):
             doc = (tp.__doc__ or "").strip()

@@ -8,10 +8,17 @@ import pytest
 import torch
 
 from aqa.backbones import get_backbone
-from aqa.backbones.letters import ScoringError, gather_letter_logits
+from aqa.backbones.letters import gather_letter_logits
 from aqa.data.example import Example
 from aqa.data.prompts import PromptConfig
-from aqa.eval.orders import average_log_probs, option_orders, order_accuracy, order_predictions, to_canonical
+from aqa.eval.orders import (
+    ScoringError,
+    average_log_probs,
+    option_orders,
+    order_accuracy,
+    order_predictions,
+    to_canonical,
+)
 from aqa.tiny import write_tiny_qwen2_audio
 
 

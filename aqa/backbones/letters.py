@@ -9,11 +9,7 @@ from collections.abc import Callable
 import torch
 
 from aqa.data.prompts import LETTERS, PromptConfig
-from aqa.errors import UserError
-
-
-class ScoringError(UserError, ValueError):
-    """Option letters cannot be scored as configured; the message says what to change."""
+from aqa.eval.orders import ScoringError
 
 
 def answer_lead(cfg: PromptConfig) -> str:

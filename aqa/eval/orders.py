@@ -14,7 +14,11 @@ from collections.abc import Sequence
 
 import torch
 
-from aqa.backbones.letters import ScoringError
+from aqa.errors import UserError
+
+
+class ScoringError(UserError, ValueError):
+    """Option letters cannot be scored as configured; the message says what to change."""
 
 
 def option_orders(n: int, k: int, rng: random.Random) -> list[list[int]]:

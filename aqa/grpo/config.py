@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from aqa.backbones.base import SamplingConfig
 from aqa.backbones.lora import LoraConfig
@@ -19,7 +18,11 @@ from aqa.config import ConfigError, load_config
 from aqa.data.augment import AugmentConfig
 from aqa.data.prompts import PromptConfig
 from aqa.rl.rewards import check_weights
-from aqa.runtime.sections import BatchConfig, CheckpointConfig, EvalConfig, LogConfig, OptimConfig
+from aqa.runtime.sections import (
+    BatchConfig,
+    EvalConfig,
+    RunSettings,
+)
 
 
 @dataclass
@@ -43,8 +46,8 @@ class GRPOBatchConfig:
     gradient_accumulation: int = 5  # micro-batches per optimizer step
 
 
-@dataclass
-class GRPOConfig:
+@dataclass(kw_only=True)
+class GRPOConfig(RunSettings):
     """The ``train/grpo.py`` config. Sections shared with SFT have the same meaning there."""
 
     model_path: str  # the base model directory SFT was trained on
@@ -55,24 +58,12 @@ class GRPOConfig:
     train_split: str = "train"  # <data_dir>/<train_split>.jsonl is trained on (must have answers)
     dev_split: str | None = "dev"  # dev accuracy is scored on it; None: no evaluation
     cache_dir: str | None = None  # feature cache (None: <output_dir>/feature_cache)
-    epochs: float = 1.0  # passes over the train split (when max_steps is null)
-    max_steps: int | None = None  # optimizer steps; overrides epochs
-    seed: int = 0  # python/numpy/torch seeds (init, dropout); data order and augmentation derive from it
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    deepspeed_config: str = "configs/deepspeed/zero2.json"  # ZeRO JSON; batch sizes and clipping come from here
-    num_workers: int = 0  # DataLoader workers per rank
-    nonfinite_loss: Literal["skip", "stop"] = "skip"  # as in SFT: skip the step and count it, or stop
-    max_nonfinite: int | None = None  # stop anyway once this many micro-batches were non-finite
-    progress: bool = True  # a progress bar on rank 0
     grpo: GRPOSection = field(default_factory=GRPOSection)
     batch: GRPOBatchConfig = field(default_factory=GRPOBatchConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
         g = self.grpo

@@ -5,6 +5,7 @@ evaluation, checkpoints and logging.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -57,3 +58,23 @@ class LogConfig:
     project: str = "aqa"  # W&B project
     run_name: str | None = None  # W&B run name (None: W&B picks one)
     every_steps: int = 10  # a metrics line every N optimizer steps
+
+
+@dataclass(kw_only=True)
+class RunSettings:
+    """What every trainer's config holds besides its model and data: length, seeds, precision, the DeepSpeed
+    JSON, loaders, the non-finite policy, the optimizer, checkpoints and logging. Keyword-only, so a recipe
+    config declares its own required keys (model, data, output) in any order."""
+
+    epochs: float = 1.0  # passes over the train data (when max_steps is null)
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    seed: int = 0  # python/numpy/torch seeds (init, dropout); data order and augmentation derive from it
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    deepspeed_config: str = "configs/deepspeed/zero2.json"  # ZeRO JSON; batch sizes and clipping are filled in
+    num_workers: int = 0  # DataLoader workers per rank
+    nonfinite_loss: Literal["skip", "stop"] = "skip"  # skip the step and count it, or stop with the batch's ids
+    max_nonfinite: int | None = None  # stop anyway once this many micro-batches were non-finite
+    progress: bool = True  # a progress bar on rank 0
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LogConfig = field(default_factory=LogConfig)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from aqa.config import ConfigError, load_config
 from aqa.data.cache import FeatureCache
 from aqa.data.dataset import item_rng
 from aqa.runtime import distributed
-from aqa.runtime.sections import BatchConfig, CheckpointConfig, LogConfig, OptimConfig
+from aqa.runtime.sections import BatchConfig, RunSettings
 from aqa.sed.beats import BeatsModel
 from aqa.sed.config import load_beats_config
 from aqa.sed.fbank import beats_fbank, fbank_settings
@@ -72,29 +72,17 @@ class SedEvalConfig:
     at_end: bool = True  # also evaluate after the last step
 
 
-@dataclass
-class SedTrainConfig:
+@dataclass(kw_only=True)
+class SedTrainConfig(RunSettings):
     """The ``train/sed.py`` config."""
 
     init_from: str  # SED directory to start from (aqa.sed.convert of an official checkpoint, or aqa.sed.tiny)
     output_dir: str  # run dir; the trained SED directory is written to <output_dir>/model
     data: SedDataConfig  # the strong-labelled clips to train on
     cache_dir: str | None = None  # fbank cache (None: <output_dir>/fbank_cache)
-    epochs: float = 1.0  # passes over the train split (when max_steps is null)
-    max_steps: int | None = None  # optimizer steps; overrides epochs when set
-    seed: int = 0  # python/numpy/torch seeds (init, dropout); data order and augmentation derive from it
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    deepspeed_config: str = "configs/deepspeed/zero2.json"  # ZeRO JSON; batch sizes and clipping come from here
-    num_workers: int = 0  # DataLoader workers per rank
-    nonfinite_loss: Literal["skip", "stop"] = "skip"  # skip the step and count it, or stop with the batch's ids
-    max_nonfinite: int | None = None  # stop anyway once this many micro-batches were non-finite
-    progress: bool = True  # a progress bar on rank 0
     model: SedModelOverrides = field(default_factory=SedModelOverrides)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     eval: SedEvalConfig = field(default_factory=SedEvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
         if self.data.segment_rows < 1:

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from aqa.backbones.lora import LoraConfig
 from aqa.config import ConfigError, load_config
 from aqa.data.augment import AugmentConfig
 from aqa.data.prompts import PromptConfig
-from aqa.runtime.sections import BatchConfig, CheckpointConfig, EvalConfig, LogConfig, OptimConfig
+from aqa.runtime.sections import (
+    BatchConfig,
+    EvalConfig,
+    RunSettings,
+)
 
 
-@dataclass
-class SFTConfig:
+@dataclass(kw_only=True)
+class SFTConfig(RunSettings):
     """The ``train/sft.py`` config: top-level run settings plus one section per concern."""
 
     model_path: str  # HF model directory (tiny or 7B)
@@ -28,23 +31,11 @@ class SFTConfig:
     train_split: str = "train"  # <data_dir>/<train_split>.jsonl is trained on (must have answers)
     dev_split: str | None = "dev"  # None: no evaluation
     cache_dir: str | None = None  # feature cache (None: <output_dir>/feature_cache)
-    epochs: float = 1.0  # passes over the train split (when max_steps is null)
-    max_steps: int | None = None  # overrides epochs when set
-    seed: int = 0  # python/numpy/torch seeds (init, dropout); data order and augmentation derive from it
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    deepspeed_config: str = "configs/deepspeed/zero2.json"  # ZeRO JSON; batch sizes and clipping come from here
-    num_workers: int = 0  # DataLoader workers per rank
-    nonfinite_loss: Literal["skip", "stop"] = "skip"  # skip the step and count it, or stop with the batch's ids
-    max_nonfinite: int | None = None  # stop anyway once this many micro-batches were non-finite
-    progress: bool = True  # a progress bar on rank 0
-    optim: OptimConfig = field(default_factory=OptimConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
         positive = {"batch.global_size": self.batch.global_size, "batch.micro_size": self.batch.micro_size,
