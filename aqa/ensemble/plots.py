@@ -18,6 +18,13 @@ AFTER_COLOR = "#1f77b4"
 GAP_COLOR = "#d62728"
 
 
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
 def reliability_diagram(confidence_before: np.ndarray, confidence_after: np.ndarray, correct: np.ndarray,
                         title: str, path: str | Path, bins: int = 10) -> Path:
     """Accuracy against confidence per bin, before and after calibration, with the sample count below.
@@ -54,10 +61,7 @@ def reliability_diagram(confidence_before: np.ndarray, confidence_after: np.ndar
     bottom.set(xlabel="confidence (probability of the predicted option)", ylabel="questions")
     bottom.legend(fontsize=8, frameon=False)
     bottom.grid(alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _save(fig, path)
 
 
 def accuracy_bars(per_part: dict[str, dict[str, float]], path: str | Path, chance: float | None = None,
@@ -89,10 +93,7 @@ def accuracy_bars(per_part: dict[str, dict[str, float]], path: str | Path, chanc
     ax.set(ylabel="accuracy (%)", ylim=(0, 105), title=title)
     ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _save(fig, path)
 
 
 def fit_curve(losses: list[float], path: str | Path, baseline: float | None = None) -> Path:
@@ -105,7 +106,4 @@ def fit_curve(losses: list[float], path: str | Path, baseline: float | None = No
     ax.set(xlabel="Adam step", ylabel="NLL (nats)", title="Ensemble fit")
     ax.legend(fontsize=8, frameon=False)
     ax.grid(alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _save(fig, path)

@@ -125,15 +125,21 @@ class BeatsConfig:
         return {"model_type": MODEL_TYPE, **dataclasses.asdict(self)}
 
 
-def load_beats_config(path: str | Path) -> BeatsConfig:
-    """Read a BEATs ``config.json`` (a file, or a directory holding one)."""
+def read_sed_json(path: str | Path, name: str, error: type[Exception], what: str, fix: str) -> tuple[Path, Any]:
+    """``path`` (a file, or a SED directory holding ``name``) and its parsed JSON; a missing file raises
+    ``error`` saying that a SED directory needs ``name`` and how to ``fix`` it."""
     path = Path(path)
     if path.is_dir():
-        path = path / CONFIG_FILE
+        path = path / name
     if not path.is_file():
-        raise BeatsConfigError(f"BEATs config {path} does not exist; a SED directory needs {CONFIG_FILE} "
-                               "(write one with python -m aqa.sed.convert or python -m aqa.sed.tiny).")
-    data = json.loads(path.read_text(encoding="utf-8"))
+        raise error(f"{what} {path} does not exist; a SED directory needs {name} ({fix}).")
+    return path, json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_beats_config(path: str | Path) -> BeatsConfig:
+    """Read a BEATs ``config.json`` (a file, or a directory holding one)."""
+    path, data = read_sed_json(path, CONFIG_FILE, BeatsConfigError, "BEATs config",
+                               "write one with python -m aqa.sed.convert or python -m aqa.sed.tiny")
     if not isinstance(data, dict):
         raise BeatsConfigError(f"{path} must hold a JSON object of BEATs config keys.")
     if data.get("model_type", MODEL_TYPE) != MODEL_TYPE:

@@ -106,13 +106,10 @@ class LabelMap:
 
     @classmethod
     def load(cls, path: str | Path) -> LabelMap:
-        path = Path(path)
-        if path.is_dir():
-            path = path / LABELS_FILE
-        if not path.is_file():
-            raise LabelMapError(f"label map {path} does not exist; a SED directory needs {LABELS_FILE} "
-                                "(written by python -m aqa.sed.convert, aqa.sed.tiny or train/sed.py).")
-        data = json.loads(path.read_text(encoding="utf-8"))
+        from aqa.sed.config import read_sed_json
+
+        path, data = read_sed_json(path, LABELS_FILE, LabelMapError, "label map",
+                                   "written by python -m aqa.sed.convert, aqa.sed.tiny or train/sed.py")
         try:
             return cls([SoundClass(int(e["index"]), str(e["mid"]), str(e["name"])) for e in data["labels"]])
         except (KeyError, TypeError) as err:
