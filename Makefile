@@ -76,7 +76,9 @@ ensemble: $(STAMP)
 	$(PY) ensemble/fit.py --config configs/ensemble.yaml
 
 # make sft|grpo [CONFIG=configs/qwen2_audio/sft.yaml] [GPUS=8] [ARGS="max_steps=10 ..."]
-GPUS   ?= 1
+# GPUS defaults to the demo's 2 ranks: the default configs continue the demo's runs, and a checkpoint resumes
+# only with the number of ranks that saved it.
+GPUS   ?= 2
 SPLIT  ?= dev
 sft: $(STAMP)
 	$(VENV)/bin/deepspeed --num_gpus $(GPUS) train/sft.py --config $(or $(CONFIG),configs/demo/qwen2_audio_sft.yaml) $(ARGS)
