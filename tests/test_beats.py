@@ -3,8 +3,10 @@
 import argparse
 import dataclasses
 import json
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,8 +138,34 @@ def test_pt_that_weights_only_refuses_is_not_unpickled(tmp_path):
     path = tmp_path / "pickled.pt"
     torch.save({"cfg": argparse.Namespace(input_patch_size=16), "model": model.state_dict(),
                 "label_dict": {0: "/m/a", 1: "/m/b"}}, path)
-    with pytest.raises(SedCheckpointError, match=r"weights_only=True\) refuses it.*re-save"):
+    with pytest.raises(SedCheckpointError, match=r"argparse\.Namespace\. Weights-only loading refuses.*re-save"):
         read_official_checkpoint(path)
+
+
+class _RunsACommand:
+    """A pickle that calls os.system when unpickled: what a malicious checkpoint looks like."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("payload, blocked", [
+    ("system", "posix.system"),
+    ("numpy", "numpy._core.multiarray.scalar"),
+])
+def test_converter_names_the_blocked_global_and_the_safe_fix(tmp_path, capsys, payload, blocked):
+    marker = tmp_path / "ran"
+    extra = _RunsACommand(marker) if payload == "system" else np.float64(0.5)
+    path = tmp_path / "beats.pt"
+    torch.save({"cfg": {}, "model": _tiny(2).state_dict(), "extra": extra}, path)
+    assert convert_main([str(path), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert blocked in err and "re-save it once on a trusted machine" in err
+    assert "weights_only=False" not in err and "set to `False`" not in err and "\x1b[" not in err  # no advice to
+    assert not marker.exists()  # turn the check off, no terminal codes, and the command never ran
 
 
 def test_pt_with_a_label_dict_of_another_size_fails(tmp_path, capsys):
@@ -177,3 +205,45 @@ def test_padded_batch_equals_one_clip_at_a_time():
 def test_fewer_frames_than_one_row_is_a_clear_error():
     with pytest.raises(ValueError, match="at least 16 fbank frames"):
         _tiny(2)(torch.randn(1, 15, 128))
+
+
+def test_token_padding_follows_the_official_rule_inside_a_row():
+    from aqa.sed.beats import token_padding
+
+    # 3 rows of 16 frames, 8 frequency patches per row: 24 tokens of 2 consecutive frames each (official
+    # forward_padding_mask). 37 real frames end inside row 2: its tokens 0-2 still see a real frame.
+    mask = torch.zeros(1, 48, dtype=torch.bool)
+    mask[0, :37] = True
+    pad = token_padding(mask, 24).view(3, 8)
+    assert not pad[:2].any()
+    assert pad[2].tolist() == [False, False, False, True, True, True, True, True]
+    # frames past a multiple of the token count are dropped first (40 frames, 2 rows: 32 kept)
+    tail = torch.ones(1, 40, dtype=torch.bool)
+    tail[0, 32:] = False
+    assert not token_padding(tail, 16).any()
+
+
+def test_whole_row_masks_pad_whole_rows_and_the_model_uses_them():
+    from aqa.sed.beats import token_padding
+
+    mask = torch.ones(2, 64, dtype=torch.bool)
+    mask[1, 32:] = False  # sample 1: rows 2 and 3 are padding
+    rows = ~mask.view(2, 4, 16).all(-1)
+    assert torch.equal(token_padding(mask, 32), rows.repeat_interleave(8, dim=1))
+    model = _tiny(3).eval()
+    fbank = torch.randn(2, 64, 128)
+    with torch.no_grad():
+        out = model(fbank, mask)
+        alone = model(fbank[1:, :32])
+    assert out.row_mask.tolist() == [[True] * 4, [True, True, False, False]]
+    assert torch.allclose(out.clip_logits[1], alone.clip_logits[0], atol=1e-5)  # padding changes nothing
+
+
+def test_the_sed_trainer_builds_whole_row_masks():
+    from aqa.sed.train import collate_segments
+
+    items = [{"id": "a", "fbank": np.zeros((32, 128), np.float32), "targets": np.zeros((2, 3), np.float32)},
+             {"id": "b", "fbank": np.zeros((16, 128), np.float32), "targets": np.zeros((1, 3), np.float32)}]
+    batch = collate_segments(items)
+    per_row = batch.frame_mask.view(2, -1, 16)
+    assert (per_row.all(-1) | ~per_row.any(-1)).all()  # every row all real or all padding

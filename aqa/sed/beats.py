@@ -48,6 +48,21 @@ class BeatsOutput:
         return torch.sigmoid(self.clip_logits)
 
 
+def token_padding(frame_mask: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """``[B, T]`` frame mask (True on real frames) -> ``[B, N]`` token padding (True where padded), by the
+    official rule (BEATs' ``forward_padding_mask``): the frames past a multiple of N are dropped, the rest is cut
+    into N equal consecutive chunks in token order, and a token is padding when its whole chunk is.
+
+    Tokens are ordered row * F' + frequency patch, so a chunk is 16 / F' consecutive frames of the token's own
+    row, not the token's patch: a mask that ends inside a row pads only the row's later tokens. For masks that
+    end on a row boundary (what this project's callers build) this equals padding whole rows."""
+    pad = ~frame_mask.bool()
+    extra = pad.shape[1] % n_tokens
+    if extra:
+        pad = pad[:, :-extra]
+    return pad.reshape(pad.shape[0], n_tokens, -1).all(-1)
+
+
 def relative_position_bucket(relative: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
     """Bidirectional T5 buckets of ``relative = key position - query position`` (any shape, long).
 
@@ -268,10 +283,11 @@ class BeatsModel(nn.Module):
         x = self.layer_norm(x.flatten(2).transpose(1, 2))  # [B, N, E], token = row * F' + freq patch
         if frame_mask is None:
             row_mask = torch.ones(b, rows, dtype=torch.bool, device=fbank.device)
+            key_padding = None
         else:
-            row_mask = frame_mask[:, : rows * p].reshape(b, rows, p).all(-1)  # [B, R]
-        key_padding = (~row_mask).repeat_interleave(fp, dim=1)  # [B, N]
-        key_padding = key_padding if key_padding.any() else None
+            key_padding = token_padding(frame_mask, rows * fp)  # [B, N]
+            row_mask = ~key_padding.view(b, rows, fp).all(-1)  # [B, R]: a row with any real token
+            key_padding = key_padding if key_padding.any() else None
         if self.post_extract_proj is not None:
             x = self.post_extract_proj(x)
         x = self.encoder(self.dropout_input(x), key_padding)  # [B, N, D]

@@ -9,6 +9,7 @@ refuses the file, we stop and say how to re-save it, rather than unpickling arbi
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -93,10 +94,22 @@ def load_sed_dir(directory: str | Path, device: str | torch.device = "cpu") -> t
 
 # -- official checkpoints ----------------------------------------------------------------------------
 RESAVE_HINT = (
-    "If you trust the file, re-save its plain parts once in a separate Python session: load it with pickle "
-    "allowed (torch's weights_only set to False), save a dict of plain 'cfg', 'model' and 'label_dict' "
-    "entries to OUT.pt, then convert OUT.pt."
+    "Only if the file comes from a source you trust: re-save it once on a trusted machine as a dict of plain "
+    "'cfg' (a dict), 'model' (name -> tensor) and 'label_dict' entries (README, 'Official BEATs checkpoints'), "
+    "then convert that file."
 )
+
+
+def blocked_globals(path: str | Path, err: Exception) -> list[str]:
+    """The Python globals (``module.name``) a checkpoint's pickle asks for that weights-only loading refuses,
+    read from the pickle's opcodes without running them; else parsed from torch's message."""
+    try:
+        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # an older torch, or a file it cannot scan: torch's message names the first one
+        names = []
+    if not names:
+        names = re.findall(r"GLOBAL ([A-Za-z_][\w.]*)", str(err))
+    return list(dict.fromkeys(names))
 
 
 def read_official_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -109,12 +122,14 @@ def read_official_checkpoint(path: str | Path) -> dict[str, Any]:
         raise SedCheckpointError(f"checkpoint {path} does not exist.")
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # the unpickler's message names the global it refused
+    except Exception as err:  # torch's own message advises turning the check off: name the global instead
         if "weights_only" in str(err) or "Unsupported global" in str(err) or "Weights only load failed" in str(err):
+            names = blocked_globals(path, err) or ["(not named by torch)"]
             raise SedCheckpointError(
-                f"{path} holds Python objects beyond tensors and plain containers, so torch.load(weights_only=True) "
-                f"refuses it ({str(err).splitlines()[0][:200]}). It is not unpickled here. {RESAVE_HINT}"
-            ) from err
+                f"{path} asks to unpickle Python objects that are not tensors or plain containers: "
+                f"{', '.join(names)}. Weights-only loading refuses them and this project never runs a "
+                f"checkpoint's code. {RESAVE_HINT}"
+            ) from None
         raise SedCheckpointError(f"{path} is not a readable torch checkpoint: {err}") from err
     if not isinstance(ckpt, dict) or "model" not in ckpt or "cfg" not in ckpt:
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
