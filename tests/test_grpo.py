@@ -12,7 +12,7 @@ from aqa.backbones.base import SamplingConfig
 from aqa.backbones.lora import AdapterError, LoraConfig, apply_lora
 from aqa.config import ConfigError
 from aqa.data.example import Example
-from aqa.grpo.config import GRPOSection, engine_batch, load_grpo_config, total_rounds
+from aqa.grpo.config import GRPOSection, engine_batch, load_grpo_config, total_rounds, total_steps
 from aqa.grpo.policy import (
     grpo_adapter_config,
     peft_model,
@@ -106,8 +106,12 @@ def test_deepspeed_geometry_from_per_device_and_accumulation():
 def test_rounds_and_crossing():
     cfg = load_grpo_config(None, REQUIRED + ["epochs=2", "batch.gradient_accumulation=3"])
     assert total_rounds(cfg, micro_per_epoch=10) == 7  # ceil(2 * 10 / 3)
+    assert total_steps(cfg, micro_per_epoch=10) == 7 * 1
     cfg = load_grpo_config(None, REQUIRED + ["max_steps=7", "grpo.num_iterations=2"])
     assert total_rounds(cfg, micro_per_epoch=10) == 4
+    assert total_steps(cfg, micro_per_epoch=10) == 7  # optimizer steps, exactly: the 4th round takes one pass
+    cfg = load_grpo_config(None, REQUIRED + ["epochs=1", "grpo.num_iterations=2", "batch.gradient_accumulation=5"])
+    assert total_steps(cfg, micro_per_epoch=10) == 2 * 2
     assert crossed(10, 1, 5) and not crossed(9, 1, 5)
     assert crossed(11, 2, 5)  # 9 -> 11 passes 10 although 11 % 5 != 0
     assert not crossed(10, 1, 0)
@@ -196,3 +200,16 @@ def test_one_group_samples_scores_and_gives_a_finite_loss_with_lora_gradients(ti
     assert any(g.abs().sum() > 0 for g in grads.values())
     metrics = rollout_metrics([group])
     assert set(metrics) >= {"reward_mean", "reward_std", "zero_std_frac", "completion_len", "reward_accuracy"}
+
+
+def test_nonfinite_budget_is_finite_by_default_and_an_applied_nan_step_is_caught():
+    from types import SimpleNamespace
+
+    from aqa.runtime.nonfinite import confirm_skipped
+
+    assert load_grpo_config(None, REQUIRED).max_nonfinite == 20  # a diverged run stops on its own
+    engine = SimpleNamespace(skipped_steps=3)
+    assert confirm_skipped(SimpleNamespace(skipped_steps=4), 3, nonfinite=1)  # DeepSpeed skipped it
+    assert not confirm_skipped(engine, 3, nonfinite=0)
+    with pytest.raises(RuntimeError, match="applied a step with non-finite gradients"):
+        confirm_skipped(engine, 3, nonfinite=1)

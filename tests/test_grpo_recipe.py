@@ -134,10 +134,14 @@ def test_two_cpu_ranks_train_and_resume_after_a_kill(setup):
 def test_flat_rewards_make_logged_noop_rounds(setup):
     out = setup["root"] / "flat"
     # near-greedy sampling: the G answers of a question are identical, so every group has zero variance
-    res = _run(setup, out, "max_steps=2", "grpo.sampling.temperature=0.0001", launcher=("python",))
+    res = _run(setup, out, "max_steps=2", "grpo.sampling.temperature=0.0001", "optim.min_lr_ratio=0.0",
+               launcher=("python",))
     assert res.returncode == 0, res.stderr[-3000:]
     rows = _rows(out)
     assert [r["noop"] for r in rows] == [1.0, 1.0] and all(r["zero_std_frac"] == 1.0 for r in rows)
+    # no-signal rounds still step (the KL term alone), so the step count and the cosine move in lock-step
+    assert [r["noop_rounds"] for r in rows] == [1, 2] and [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["lr"] > rows[1]["lr"]
     assert (out / "adapter/adapter_model.safetensors").is_file()
 
 

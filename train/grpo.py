@@ -22,7 +22,7 @@ import time
 from aqa.backbones import get_backbone
 from aqa.data.dataset import ShardedSampler, collate_examples, qa_datasets
 from aqa.eval.dev import evaluate
-from aqa.grpo.config import GRPOConfig, engine_batch, total_rounds
+from aqa.grpo.config import GRPOConfig, engine_batch, total_rounds, total_steps
 from aqa.grpo.policy import grpo_adapter_config, policy_from_sft, save_stacked_adapter
 from aqa.grpo.rollout import is_noop_round, sample_group, score_groups
 from aqa.grpo.step import group_loss, loss_metrics, rollout_metrics
@@ -31,7 +31,7 @@ from aqa.runtime import distributed
 from aqa.runtime.engine import build_engine
 from aqa.runtime.loaders import micro_batches, micro_batches_per_epoch, train_loader
 from aqa.runtime.logging import progress_bar
-from aqa.runtime.nonfinite import check_loss
+from aqa.runtime.nonfinite import check_loss, confirm_skipped
 from aqa.runtime.recipe import crossed, finish, open_run, recipe_main, resume_state, start_run
 
 
@@ -60,8 +60,9 @@ def train(cfg: GRPOConfig) -> dict:
                              seed=cfg.seed)
     loader = train_loader(train_ds, sampler, cfg.batch.per_device, cfg.num_workers, collate_examples)
     accumulation = cfg.batch.gradient_accumulation
-    rounds = total_rounds(cfg, micro_batches_per_epoch(sampler, cfg.batch.per_device))
-    total = rounds * iters  # optimizer steps
+    micro_per_epoch = micro_batches_per_epoch(sampler, cfg.batch.per_device)
+    rounds = total_rounds(cfg, micro_per_epoch)
+    total = total_steps(cfg, micro_per_epoch)  # optimizer steps: exactly max_steps when set
     stop_step = min(total, cfg.checkpoint.stop_at_step or total)
 
     # -- engine: AdamW + warmup/cosine, ZeRO-2; DeepSpeed accumulates `accumulation` micro-batches per step.
@@ -103,35 +104,39 @@ def train(cfg: GRPOConfig) -> dict:
         groups = [sample_group(backbone, engine, next(stream), cfg.grpo) for _ in range(accumulation)]
         metrics = rollout_metrics(groups)
 
-        # -- every group on every rank has equal rewards: no signal, so no update (logged, not a crash)
-        if is_noop_round(groups):
-            metrics.update(noop=1.0, lr=scheduler.get_last_lr()[0])
-        else:
-            # -- reference log-probs [B, G, T] (GRPO adapter off) and, for num_iterations > 1, the
-            #    sampling policy's, both once per round
-            score_groups(backbone, engine, groups, cfg.grpo)
-            losses, stats = [], []
-            for _ in range(iters):  # each pass over the round is one optimizer step
-                for group in groups:
-                    loss, st = group_loss(backbone, engine, group, cfg.grpo)  # clipped ratio - beta KL
-                    ids = [e.id for e in group.rollout.examples]
-                    if check_loss(loss, ids, cfg.nonfinite_loss, state.nonfinite_steps, cfg.max_nonfinite,
-                                  state.global_step):
-                        state.nonfinite_steps += 1  # its NaN gradients make DeepSpeed skip the step
-                    else:
-                        losses.append(loss.item())
-                        stats.append(st)
-                    engine.backward(loss)
-                    engine.step()
-            metrics.update(loss_metrics(losses, stats), noop=0.0, lr=scheduler.get_last_lr()[0],
-                           grad_norm=float(engine.get_global_grad_norm() or 0.0))
-        state.global_step += iters
+        # -- reference log-probs [B, G, T] (GRPO adapter off) and, for num_iterations > 1, the sampling
+        #    policy's, both once per round. A round whose every group has equal rewards carries no advantage
+        #    signal, but the beta * KL term still pulls a drifted policy back: it steps like any other round
+        #    (so the step count and the LR schedule stay in lock-step) and is counted as a no-op round.
+        noop = is_noop_round(groups)
+        state.noop_rounds += int(noop)
+        score_groups(backbone, engine, groups, cfg.grpo)
+        losses, stats = [], []
+        n_steps = min(iters, stop_step - state.global_step)  # max_steps is exact: the last round may stop early
+        for _ in range(n_steps):  # each pass over the round is one optimizer step
+            skipped_before, nonfinite = engine.skipped_steps, 0
+            for group in groups:
+                loss, st = group_loss(backbone, engine, group, cfg.grpo)  # clipped ratio - beta KL
+                ids = [e.id for e in group.rollout.examples]
+                if check_loss(loss, ids, cfg.nonfinite_loss, state.nonfinite_steps, cfg.max_nonfinite,
+                              state.global_step):
+                    state.nonfinite_steps += 1  # its NaN gradients make DeepSpeed skip the step
+                    nonfinite += 1
+                else:
+                    losses.append(loss.item())
+                    stats.append(st)
+                engine.backward(loss)
+                engine.step()
+            confirm_skipped(engine, skipped_before, nonfinite)  # as SFT: a NaN step really was skipped
+        metrics.update(loss_metrics(losses, stats), noop=float(noop), noop_rounds=state.noop_rounds,
+                       lr=scheduler.get_last_lr()[0], grad_norm=float(engine.get_global_grad_norm() or 0.0))
+        state.global_step += n_steps
         step = state.global_step
-        bar.update(iters)
+        bar.update(n_steps)
         window.append(metrics)
 
         # -- log: reward mean/std, zero-std groups, KL, clip fraction, completion length (window means)
-        if crossed(step, iters, cfg.logging.every_steps) or step >= stop_step:
+        if crossed(step, n_steps, cfg.logging.every_steps) or step >= stop_step:
             keys = {k for m in window for k in m}
             row = {k: sum(m[k] for m in window if k in m) / sum(1 for m in window if k in m) for k in sorted(keys)}
             row.update(epoch=state.epoch + state.consumed / sampler.num_samples, nonfinite=state.nonfinite_steps,
@@ -141,11 +146,11 @@ def train(cfg: GRPOConfig) -> dict:
             window, tick = [], time.perf_counter()
 
         # -- dev accuracy from the option-letter logits, every N steps
-        if dev_ds is not None and crossed(step, iters, cfg.eval.every_steps):
+        if dev_ds is not None and crossed(step, n_steps, cfg.eval.every_steps):
             dev_metrics, last_eval = dev_eval(step), step
 
         # -- checkpoint every N steps (DeepSpeed state + train state + stacked adapter)
-        if crossed(step, iters, cfg.checkpoint.every_steps):
+        if crossed(step, n_steps, cfg.checkpoint.every_steps):
             save(step)
             last_saved = step
     bar.close()
@@ -162,6 +167,7 @@ def train(cfg: GRPOConfig) -> dict:
         print(f"grpo: step {step}/{total}; adapter (SFT + GRPO, on the base model) in {run.run_dir / ckpt.ADAPTER}",
               flush=True)
     return finish(logger, {"step": step, "total_steps": total, "nonfinite": state.nonfinite_steps,
+                           "noop_rounds": state.noop_rounds, "skipped_steps": engine.skipped_steps,
                            **{f"dev_{k}": v for k, v in dev_metrics.items()}})
 
 

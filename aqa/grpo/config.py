@@ -104,6 +104,14 @@ def engine_batch(cfg: GRPOConfig, world_size: int) -> BatchConfig:
     return BatchConfig(global_size=per_device * accumulation * world_size, micro_size=per_device)
 
 
+def total_steps(cfg: GRPOConfig, micro_per_epoch: int) -> int:
+    """Optimizer steps the run takes: exactly ``max_steps`` when set (the last round then trains on fewer
+    than ``num_iterations`` passes), else ``num_iterations`` per round for ``epochs``."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return total_rounds(cfg, micro_per_epoch) * cfg.grpo.num_iterations
+
+
 def total_rounds(cfg: GRPOConfig, micro_per_epoch: int) -> int:
     """Rounds of rollouts the run samples: from ``max_steps`` (optimizer steps), else from ``epochs``."""
     if cfg.max_steps is not None:

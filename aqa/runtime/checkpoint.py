@@ -101,6 +101,7 @@ class TrainState:
     epoch: int = 0
     consumed: int = 0  # items of ``epoch`` this rank has trained on (the sampler position)
     nonfinite_steps: int = 0  # micro-batches whose loss was NaN/inf anywhere and whose step was skipped
+    noop_rounds: int = 0  # GRPO rounds in which every group's rewards were equal (no advantage signal)
     world_size: int = 1
     rng: dict[str, Any] = field(default_factory=dict)
 

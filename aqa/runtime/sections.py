@@ -73,7 +73,7 @@ class RunSettings:
     deepspeed_config: str = "configs/deepspeed/zero2.json"  # ZeRO JSON; batch sizes and clipping are filled in
     num_workers: int = 0  # DataLoader workers per rank
     nonfinite_loss: Literal["skip", "stop"] = "skip"  # skip the step and count it, or stop with the batch's ids
-    max_nonfinite: int | None = None  # stop anyway once this many micro-batches were non-finite
+    max_nonfinite: int | None = 20  # stop once this many micro-batches were non-finite (null: never)
     progress: bool = True  # a progress bar on rank 0
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
