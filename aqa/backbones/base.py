@@ -27,9 +27,9 @@ from aqa.data.prompts import PromptConfig
 class SamplingConfig:
     """Rollout sampling for GRPO and generate-mode inference."""
 
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 8
+    temperature: float = 1.0  # softmax temperature of the sampled tokens (log-probs are taken at it too)
+    top_p: float = 1.0  # nucleus sampling: the smallest set of tokens with this much probability (1: off)
+    max_new_tokens: int = 8  # completion length cap; a completion also ends at the end-of-turn token
 
 
 @dataclass
