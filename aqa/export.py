@@ -3,10 +3,10 @@
     python -m aqa.export --adapter runs/qwen2_audio/sft/adapter --out runs/qwen2_audio/merged [--base DIR]
 
 The base is the adapter's ``base_model_name_or_path`` unless ``--base`` is given; the backbone is
-named by the base's ``config.json`` ``model_type`` unless ``--backbone`` is given (Kimi-Audio's
-``moonshot_kimia`` names ``kimi_audio``). The result holds safetensors weights plus the processor
-files and loads with the model class's plain ``from_pretrained`` (for Qwen2-Audio,
-``Qwen2AudioForConditionalGeneration``; for Kimi-Audio, the release layout its loader reads), no peft needed.
+the one that declares the base's ``config.json`` ``model_type`` (``Backbone.model_types``) unless
+``--backbone`` is given. The result holds safetensors weights plus the processor files, in the base's
+own layout, and loads with the model class's plain ``from_pretrained`` (a transformers model's, or the
+release loader of a backbone implemented here), no peft needed.
 """
 
 from __future__ import annotations
@@ -17,11 +17,7 @@ from pathlib import Path
 
 import torch
 
-from aqa.backbones.kimi_audio.config import MODEL_TYPE as KIMI_MODEL_TYPE
 from aqa.backbones.lora import ADAPTER_CONFIG, AdapterError, load_adapter, merge_lora
-
-# config.json model_type -> backbone name, where the two differ (the release's name is not ours to change)
-BACKBONE_OF_MODEL_TYPE = {KIMI_MODEL_TYPE: "kimi_audio"}
 
 
 def adapter_base(adapter_dir: str | Path) -> Path:
@@ -36,19 +32,17 @@ def adapter_base(adapter_dir: str | Path) -> Path:
 
 
 def backbone_name_for(model_dir: str | Path) -> str:
-    """The registered backbone of the directory's ``model_type`` (its own name, or as mapped above)."""
-    from aqa.backbones import get_backbone
+    """The name of the registered backbone that declares the directory's ``model_type``."""
+    from aqa.backbones import backbone_for_model_type
 
     config = Path(model_dir) / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"base model directory {model_dir} has no config.json; pass --base DIR.")
     model_type = str(json.loads(config.read_text(encoding="utf-8")).get("model_type"))
-    name = BACKBONE_OF_MODEL_TYPE.get(model_type, model_type)
     try:
-        get_backbone(name)
+        return backbone_for_model_type(model_type).name
     except ValueError as err:
         raise ValueError(f"{err} Pass --backbone NAME for a {model_type} checkpoint.") from err
-    return name
 
 
 def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | Path | None = None,

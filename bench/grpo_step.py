@@ -3,7 +3,7 @@
     python bench/grpo_step.py [--questions 8] [--generations 6] [--max-new-tokens 8] [--steps 3]
                               [--device cpu|cuda] [--dtype float32|bfloat16] [spec key=value ...]
 
-A random-init Qwen2-Audio of ``aqa.tiny.TinyQwen2AudioSpec`` sizes (override any, e.g. a 7B shape on a
+A random-init Qwen2-Audio of ``aqa.backbones.qwen2_audio_tiny.TinyQwen2AudioSpec`` sizes (override any, e.g. a 7B shape on a
 GPU: hidden_size=4096 num_hidden_layers=32 num_attention_heads=32 num_key_value_heads=32
 intermediate_size=11008 audio_d_model=1280 audio_layers=32 audio_heads=20 audio_ffn_dim=5120
 chunk_seconds=30) with LoRA runs the same GRPO step both ways: sample G completions, rewards,
@@ -36,12 +36,12 @@ from aqa.backbones import shared_prefix as sp
 from aqa.backbones.base import SamplingConfig
 from aqa.backbones.lora import LoraConfig, apply_lora
 from aqa.backbones.qwen2_audio import Qwen2AudioBackbone, eval_mode, unwrap
+from aqa.backbones.qwen2_audio_tiny import TinyQwen2AudioSpec, build_tiny_qwen2_audio
 from aqa.config import load_config
 from aqa.data.example import Example
 from aqa.rl.advantages import group_advantages
 from aqa.rl.loss import grpo_loss
 from aqa.rl.rewards import compute_rewards
-from aqa.tiny import TinyQwen2AudioSpec, build_tiny_qwen2_audio
 
 WORDS = ["dog bark", "siren", "rain", "church bell", "humpback whale", "door knock", "car horn", "thunder"]
 

@@ -3,7 +3,7 @@
     python bench/infer_speed.py [--config configs/demo/qwen2_audio_infer.yaml] [--questions 64] [--k 8]
                                 [--batch-size N] [--device cpu|cuda] [--dtype float32|bfloat16] [spec key=value ...]
 
-A random-init Qwen2-Audio of ``aqa.tiny.TinyQwen2AudioSpec`` sizes (override any, e.g. a 7B shape on a
+A random-init Qwen2-Audio of ``aqa.backbones.qwen2_audio_tiny.TinyQwen2AudioSpec`` sizes (override any, e.g. a 7B shape on a
 GPU: hidden_size=4096 num_hidden_layers=32 num_attention_heads=32 num_key_value_heads=32
 intermediate_size=11008 audio_d_model=1280 audio_layers=32 audio_heads=20 audio_ffn_dim=5120
 chunk_seconds=30) scores the same questions three ways, in the config's batch size:
@@ -24,12 +24,12 @@ import torch
 from tqdm.auto import tqdm
 
 from aqa.backbones.qwen2_audio import Qwen2AudioBackbone
+from aqa.backbones.qwen2_audio_tiny import TinyQwen2AudioSpec, build_tiny_qwen2_audio
 from aqa.config import load_config
 from aqa.data.example import Example
 from aqa.eval.orders import option_orders
 from aqa.eval.predict import InferConfig
 from aqa.rl.answer_parsing import parse_answer
-from aqa.tiny import TinyQwen2AudioSpec, build_tiny_qwen2_audio
 
 WORDS = ["dog bark", "siren", "rain", "church bell", "humpback whale", "door knock", "car horn", "thunder"]
 

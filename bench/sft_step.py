@@ -5,7 +5,7 @@
 
 No 7B weights exist here, so ``--seven-b`` builds Qwen2-Audio-7B's shapes (32 x 4096 LM, 32 x 1280 Whisper
 encoder, 30 s audio window, 156,032-row vocabulary) with random weights, in bf16 on the GPU; other sizes
-come from ``aqa.tiny.TinyQwen2AudioSpec`` overrides. One question per rank per micro-batch with a clip of the
+come from ``aqa.backbones.qwen2_audio_tiny.TinyQwen2AudioSpec`` overrides. One question per rank per micro-batch with a clip of the
 full window, LoRA r 8 on every language-model linear layer, the audio tower frozen: exactly
 the forward/backward/step of ``train/sft.py``.
 
@@ -25,13 +25,13 @@ import torch
 
 from aqa.backbones.lora import LoraConfig, apply_lora
 from aqa.backbones.qwen2_audio import Qwen2AudioBackbone, audio_token_count
+from aqa.backbones.qwen2_audio_tiny import TinyQwen2AudioSpec, build_tiny_qwen2_audio
 from aqa.config import load_config
 from aqa.data.example import Example
 from aqa.runtime import distributed
 from aqa.runtime.engine import build_engine, model_dtype, resolve_precision
 from aqa.sft.config import load_sft_config
 from aqa.sft.step import sft_loss
-from aqa.tiny import TinyQwen2AudioSpec, build_tiny_qwen2_audio
 
 SEVEN_B = ["hidden_size=4096", "num_hidden_layers=32", "num_attention_heads=32", "num_key_value_heads=32",
            "intermediate_size=11008", "max_position_embeddings=8192", "audio_d_model=1280", "audio_layers=32",

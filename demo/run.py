@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,8 @@ class Member:
     infer_config: str
     train: list[tuple[str, list[str]]] = field(default_factory=list)  # (title, command)
     infer_overrides: list[str] = field(default_factory=list)
+    # the member's own report section, built after the ensemble: (python, stage runner) -> section or None
+    report_section: Callable[[str, Callable[[str, list[str]], None]], dict | None] | None = None
 
 
 def run_stage(title: str, cmd: list[str], log_dir: Path) -> float:
@@ -119,6 +122,7 @@ def build_members(py: str, ds: list[str]) -> list[Member]:
             train=cascade,
             infer_overrides=["adapter=runs/demo/cascade_grpo/adapter", "output_dir=runs/demo/cascade_grpo/infer",
                              "model_name=cascade_grpo"],
+            report_section=cascade_section,
         ))
     return members
 
@@ -237,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             from aqa.ensemble.run import report_entry
 
             report["ensemble"] = report_entry(out / "ensemble", relative_to=out)
-        section = cascade_section(py, stage) if any(m.backbone == "text_llm" for m in members) else None
+        section = next((m.report_section(py, stage) for m in members if m.report_section), None)
         report["sections"] = [section] if section else []
         if section:
             report["cascade"] = {"cllr": section["cllr"], "dev_accuracy": section["dev_accuracy"]}

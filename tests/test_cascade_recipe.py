@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from aqa.backbones.text_llm_tiny import IM_END, build_tiny_text_llm
 from aqa.data.manifest import Record, write_dataset_info, write_jsonl
 from aqa.runtime.distributed import free_port
 from aqa.runtime.logging import read_metrics
-from aqa.tiny import IM_END, build_tiny_text_llm
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,6 @@
 """aqa.export: LoRA merged into the base loads with plain transformers and scores like base + adapter."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,11 +10,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from aqa.backbones import get_backbone
+from aqa.backbones import backbone_for_model_type, get_backbone
 from aqa.backbones.lora import AdapterError, LoraConfig, apply_lora
+from aqa.backbones.qwen2_audio_tiny import TinyQwen2AudioSpec, write_tiny_qwen2_audio
 from aqa.data.example import Example
-from aqa.export import export_merged
-from aqa.tiny import TinyQwen2AudioSpec, write_tiny_qwen2_audio
+from aqa.export import backbone_name_for, export_merged
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,3 +69,12 @@ def test_export_cli_and_errors(trained, tmp_path):
     with pytest.raises(AdapterError, match="another base"):
         export_merged(root / "adapter", tmp_path / "y", base=other)
     assert not (tmp_path / "y").exists()  # nothing half-written
+
+
+def test_the_base_model_type_names_its_backbone_through_the_registry(trained, tmp_path):
+    _, base, _, _ = trained
+    assert backbone_name_for(base) == "qwen2_audio"
+    assert backbone_for_model_type("moonshot_kimia").name == "kimi_audio"  # the release's name, not ours
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))  # text_llm claims no model_type
+    with pytest.raises(ValueError, match="Pass --backbone NAME for a qwen2 checkpoint"):
+        backbone_name_for(tmp_path)

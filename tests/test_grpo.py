@@ -10,6 +10,7 @@ import torch
 from aqa.backbones import get_backbone
 from aqa.backbones.base import SamplingConfig
 from aqa.backbones.lora import AdapterError, LoraConfig, apply_lora
+from aqa.backbones.qwen2_audio_tiny import TinyQwen2AudioSpec, write_tiny_qwen2_audio
 from aqa.config import ConfigError
 from aqa.data.example import Example
 from aqa.grpo.config import GRPOSection, engine_batch, load_grpo_config, total_rounds, total_steps
@@ -26,7 +27,6 @@ from aqa.rl.advantages import Advantages
 from aqa.runtime.checkpoint import save_adapter
 from aqa.runtime.engine import deepspeed_config
 from aqa.runtime.recipe import crossed
-from aqa.tiny import TinyQwen2AudioSpec, write_tiny_qwen2_audio
 
 REQUIRED = ["model_path=m", "sft_adapter=a", "data_dir=d", "output_dir=o"]
 

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 
 from aqa.backbones import get_backbone
 from aqa.backbones.lora import LoraConfig, apply_lora
+from aqa.backbones.qwen2_audio_tiny import IM_END, build_tiny_qwen2_audio
 from aqa.runtime.checkpoint import save_adapter
 from aqa.runtime.distributed import free_port
-from aqa.tiny import IM_END, build_tiny_qwen2_audio
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/demo/qwen2_audio_grpo.yaml"

@@ -9,10 +9,10 @@ import pytest
 import soundfile as sf
 import torch
 
+from aqa.backbones.qwen2_audio_tiny import write_tiny_qwen2_audio
 from aqa.config import ConfigError, load_config
 from aqa.data.manifest import Record, write_dataset_info, write_jsonl
 from aqa.eval.predict import InferConfig, compute_metrics, run_inference
-from aqa.tiny import write_tiny_qwen2_audio
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = {"bqa": [0, 0, 1], "cqa": [0, 2]}  # answer index per question: the flat model gets index 0 right

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from aqa.backbones import get_backbone
+from aqa.backbones.kimi_audio.checkpoint import check_release
 from aqa.backbones.kimi_audio.tiny import write_tiny_kimi_audio
-from aqa.check_checkpoint import CHECKERS, main, run_check
+from aqa.check_checkpoint import checkers, main, run_check
 
 REFERENCE = Path(__file__).resolve().parent / "fixtures"  # copies of the official listings
 CONFIG = REFERENCE / "kimi_audio_7b_instruct_config.json"
@@ -96,8 +98,10 @@ def test_a_release_with_a_changed_shard_fails(tiny_release, tmp_path):
     assert any(line.startswith("  MISSHAPEN  mimo_output.weight: checkpoint [") for line in lines)
 
 
-def test_checkers_are_a_registry_of_import_paths():
-    assert CHECKERS["kimi_audio"] == "aqa.backbones.kimi_audio.checkpoint:check_release"
-    assert "beats" in CHECKERS
+def test_checkers_come_from_the_backbone_protocol_and_beats():
+    assert checkers()["kimi_audio"].check is check_release
+    assert get_backbone("kimi_audio").checkpoint_checker().check is check_release
+    assert get_backbone("qwen2_audio").checkpoint_checker() is None  # a backbone without a check says so
+    assert "beats" in checkers()
     with pytest.raises(SystemExit, match="no checkpoint checker for backbone 'no_such_backbone'"):
         run_check("no_such_backbone", CONFIG, PARAMS)

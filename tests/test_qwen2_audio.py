@@ -1,5 +1,6 @@
 """The qwen2_audio backbone on a tiny random model written to disk: load path, features, collate, LoRA."""
 
+import json
 import re
 
 import numpy as np
@@ -9,9 +10,9 @@ from safetensors.torch import load_file
 
 from aqa.backbones import get_backbone
 from aqa.backbones.lora import AdapterError, LoraConfig, apply_lora, load_adapter, merge_lora
+from aqa.backbones.qwen2_audio_tiny import SPECIAL_TOKENS, TinyQwen2AudioSpec, write_tiny_qwen2_audio
 from aqa.data.example import Example
 from aqa.data.prompts import PromptConfig
-from aqa.tiny import SPECIAL_TOKENS, TinyQwen2AudioSpec, write_tiny_qwen2_audio
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,23 @@ def test_tiny_writes_a_normal_hf_dir_that_loads_with_plain_transformers(tiny_dir
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
 
+
+
+def test_tiny_cli_asks_the_registry_and_takes_overrides_after_the_options(tiny_dir, tmp_path, capsys):
+    from aqa.backbones import backbones
+    from aqa.tiny import main
+
+    assert {n for n, cls in backbones().items() if cls.tiny_spec() is not None} == {"kimi_audio", "qwen2_audio",
+                                                                                      "text_llm"}
+    main(["qwen2_audio", "--out", str(tmp_path / "cli"), "--seed", "0"])
+    assert f"wrote tiny qwen2_audio to {tmp_path / 'cli'}" in capsys.readouterr().out
+    first, cli = load_file(tiny_dir / "model.safetensors"), load_file(tmp_path / "cli" / "model.safetensors")
+    assert first.keys() == cli.keys() and all(torch.equal(first[k], cli[k]) for k in first)
+    # spec overrides before, between and after the options
+    main(["qwen2_audio", "intermediate_size=96", "--out", str(tmp_path / "small"), "num_hidden_layers=1", "--seed",
+          "1", "hidden_size=32"])
+    spec = json.loads((tmp_path / "small" / "tiny_spec.json").read_text())
+    assert (spec["seed"], spec["intermediate_size"], spec["num_hidden_layers"], spec["hidden_size"]) == (1, 96, 1, 32)
 
 def test_features_and_prompt_ids_equal_the_processor(backbone):
     wave = _wave(2.3)

@@ -9,6 +9,7 @@ import torch
 
 from aqa.backbones import get_backbone
 from aqa.backbones.letters import gather_letter_logits
+from aqa.backbones.qwen2_audio_tiny import write_tiny_qwen2_audio
 from aqa.data.example import Example
 from aqa.data.prompts import PromptConfig
 from aqa.eval.orders import (
@@ -19,7 +20,6 @@ from aqa.eval.orders import (
     order_predictions,
     to_canonical,
 )
-from aqa.tiny import write_tiny_qwen2_audio
 
 
 @pytest.fixture(scope="module")

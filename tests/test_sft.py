@@ -249,7 +249,7 @@ def _lora(engine):
 def test_nonfinite_step_is_skipped_by_the_engine_and_finite_steps_train(tmp_path, one_rank_world):
     from aqa.backbones import get_backbone
     from aqa.backbones.lora import apply_lora
-    from aqa.tiny import write_tiny_qwen2_audio
+    from aqa.backbones.qwen2_audio_tiny import write_tiny_qwen2_audio
 
     torch.manual_seed(0)
     device = one_rank_world.device

@@ -27,7 +27,7 @@ STEPS = 4  # 2k, with k = 2: 4 optimizer steps of 8 questions cross the 24-quest
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from aqa.tiny import write_tiny_qwen2_audio
+    from aqa.backbones.qwen2_audio_tiny import write_tiny_qwen2_audio
     from data_prep.synth import main as synth
 
     root = tmp_path_factory.mktemp("sft_recipe")

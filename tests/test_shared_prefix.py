@@ -13,9 +13,16 @@ from aqa.backbones import shared_prefix as sp
 from aqa.backbones.base import SamplingConfig
 from aqa.backbones.lora import LoraConfig, apply_lora
 from aqa.backbones.qwen2_audio import Qwen2AudioBackbone, unwrap
+from aqa.backbones.qwen2_audio_tiny import (
+    AUDIO,
+    AUDIO_BOS,
+    AUDIO_EOS,
+    IM_START,
+    TinyQwen2AudioSpec,
+    build_tiny_qwen2_audio,
+)
 from aqa.data.example import Example
 from aqa.rl.loss import grpo_loss
-from aqa.tiny import AUDIO, AUDIO_BOS, AUDIO_EOS, IM_START, TinyQwen2AudioSpec, build_tiny_qwen2_audio
 
 EOS, PAD = 2, 0
 RULES = sp.TokenRules(eos_ids=[EOS], pad_id=PAD, suppress_ids=[0, 1, 3])

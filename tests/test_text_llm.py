@@ -12,9 +12,7 @@ from safetensors.torch import load_file
 
 from aqa.backbones import get_backbone
 from aqa.backbones.chat_lm import IGNORE_INDEX
-from aqa.data.example import Example
-from aqa.data.prompts import PromptConfig, render_events
-from aqa.tiny import (
+from aqa.backbones.text_llm_tiny import (
     IM_END,
     QWEN25_ADDED_TOKENS,
     QWEN25_DEFAULT_SYSTEM,
@@ -22,6 +20,8 @@ from aqa.tiny import (
     TinyQwen2TextSpec,
     write_tiny_text_llm,
 )
+from aqa.data.example import Example
+from aqa.data.prompts import PromptConfig, render_events
 
 EVENTS = [  # out of onset order on purpose
     {"label": "Siren", "onset": 1.25, "offset": 2.0, "score": 0.8},

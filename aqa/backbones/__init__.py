@@ -5,6 +5,16 @@ from aqa.backbones import (
     qwen2_audio,  # noqa: F401  (registers "qwen2_audio")
     text_llm,  # noqa: F401  (registers "text_llm")
 )
-from aqa.backbones.base import Backbone, Example, Rollout, SamplingConfig, get_backbone, register
+from aqa.backbones.base import (
+    Backbone,
+    Example,
+    Rollout,
+    SamplingConfig,
+    backbone_for_model_type,
+    backbones,
+    get_backbone,
+    register,
+)
 
-__all__ = ["Backbone", "Example", "Rollout", "SamplingConfig", "get_backbone", "register"]
+__all__ = ["Backbone", "Example", "Rollout", "SamplingConfig", "backbone_for_model_type", "backbones", "get_backbone",
+           "register"]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from aqa.backbones.checkpoint_check import CheckpointChecker
 from aqa.data.example import Example
 from aqa.data.prompts import PromptConfig
 
@@ -26,9 +27,9 @@ from aqa.data.prompts import PromptConfig
 class SamplingConfig:
     """Rollout sampling for GRPO and generate-mode inference."""
 
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 8
+    temperature: float = 1.0  # softmax temperature of the sampled tokens (log-probs are taken at it too)
+    top_p: float = 1.0  # nucleus sampling: the smallest set of tokens with this much probability (1: off)
+    max_new_tokens: int = 8  # completion length cap; a completion also ends at the end-of-turn token
 
 
 @dataclass
@@ -52,6 +53,9 @@ class Backbone(ABC):
     # Name of the log-mel entry of ``extract_features`` that SpecAugment may mask ([n_mels, frames]),
     # or None for backbones without spectrogram inputs.
     spec_augment_key: ClassVar[str | None] = None
+    # The config.json ``model_type`` values of the checkpoints this backbone loads, so a checkpoint
+    # directory names its backbone (``aqa.export``); empty: the backbone claims none and must be named.
+    model_types: ClassVar[tuple[str, ...]] = ()
 
     model: nn.Module
 
@@ -122,6 +126,26 @@ class Backbone(ABC):
     def save_processor(self, out_dir: str | Path) -> None:
         """Write the processor/tokenizer files next to an exported model."""
 
+    # -- tools: tiny models (python -m aqa.tiny) and checkpoint checks (python -m aqa.check_checkpoint) ------
+    @classmethod
+    def tiny_spec(cls) -> type | None:
+        """The dataclass of a tiny model's sizes (the ``key=value`` keys of ``python -m aqa.tiny NAME``),
+        or None (the default) when this backbone has no tiny model writer."""
+        return None
+
+    @classmethod
+    def write_tiny(cls, out_dir: str | Path, seed: int = 0, spec: Any = None) -> Path:
+        """Write a tiny random-init model of ``spec``'s sizes (an instance of ``tiny_spec()``, None: its
+        defaults) to ``out_dir``, laid out as the real checkpoint so ``from_pretrained`` loads it.
+        Same seed and spec, same bytes. Returns ``out_dir``."""
+        raise NotImplementedError(f"{cls.name} has no tiny model writer")
+
+    @classmethod
+    def checkpoint_checker(cls) -> CheckpointChecker | None:
+        """The names-and-shapes check of this backbone against a checkpoint, or None (the default) when
+        it has none (e.g. a transformers model, whose ``from_pretrained`` reports mismatches itself)."""
+        return None
+
 
 _REGISTRY: dict[str, type[Backbone]] = {}
 
@@ -131,10 +155,26 @@ def register(cls: type[Backbone]) -> type[Backbone]:
     return cls
 
 
-def get_backbone(name: str) -> type[Backbone]:
-    """The backbone class registered under ``name``; an unknown name lists the known ones."""
+def backbones() -> dict[str, type[Backbone]]:
+    """Every registered backbone class by name."""
     import aqa.backbones  # noqa: F401  (importing the package registers every backbone)
 
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown backbone '{name}'. Known backbones: {', '.join(sorted(_REGISTRY))}.")
-    return _REGISTRY[name]
+    return dict(_REGISTRY)
+
+
+def get_backbone(name: str) -> type[Backbone]:
+    """The backbone class registered under ``name``; an unknown name lists the known ones."""
+    known = backbones()
+    if name not in known:
+        raise ValueError(f"unknown backbone '{name}'. Known backbones: {', '.join(sorted(known))}.")
+    return known[name]
+
+
+def backbone_for_model_type(model_type: str) -> type[Backbone]:
+    """The backbone that declares ``model_type`` (a checkpoint's config.json) in its ``model_types``."""
+    known = backbones()
+    found = [cls for cls in known.values() if model_type in cls.model_types]
+    if len(found) != 1:
+        claim = f"backbones {', '.join(sorted(c.name for c in found))} all declare" if found else "no backbone declares"
+        raise ValueError(f"{claim} model_type '{model_type}'. Known backbones: {', '.join(sorted(known))}.")
+    return found[0]

@@ -3,8 +3,8 @@
 A subclass says how a question becomes prompt text and tokens (``_chat_prefix``, ``_prompt_ids``) and
 which extra tensors the decoder takes on the prompt (``_batch_inputs``: the audio features, or nothing
 for a text model). Everything else is here once: the SFT collate, option-letter logits with the prompt
-prefix shared by K option orders, greedy answers and the GRPO rollouts / log-probs of
-``shared_prefix``.
+prefix shared by K option orders (``option_scoring``), greedy answers and the GRPO rollouts / log-probs
+of ``shared_prefix``.
 
 The wrapped model must be an HF causal LM with ``.model`` (the decoder stack, taking ``input_ids``,
 ``attention_mask``, ``position_ids``, ``cache`` and the extra inputs) and an output embedding.
@@ -24,9 +24,9 @@ from torch import nn
 from aqa.backbones import shared_prefix
 from aqa.backbones.base import Backbone, Rollout
 from aqa.backbones.letters import answer_lead, gather_letter_logits, letter_token_ids
+from aqa.backbones.option_scoring import OptionScorer, canonical_per_question, option_scores
 from aqa.data.example import Example
 from aqa.data.prompts import PromptConfig, render_target
-from aqa.eval.orders import to_canonical
 
 IGNORE_INDEX = -100
 ASSISTANT_START = "<|im_start|>assistant\n"  # ChatML: what the chat templates of these models end with
@@ -63,15 +63,6 @@ def right_pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Te
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, : len(r)] = 1
     return ids, mask
-
-
-def common_prefix_len(rows: list[list[int]]) -> int:
-    """Length of the longest token prefix all ``rows`` share."""
-    n = min(len(r) for r in rows)
-    for i in range(n):
-        if any(r[i] != rows[0][i] for r in rows[1:]):
-            return i
-    return n
 
 
 class ChatLMBackbone(Backbone):
@@ -168,16 +159,8 @@ class ChatLMBackbone(Backbone):
         orders = orders or [[list(range(len(ex.choices)))] for ex in examples]
         prompts = self._scoring_ids(examples, orders)
         with eval_mode(model):
-            if share_prefix and any(len(o) > 1 for o in orders):
-                presented = self._shared_prefix_logits(hf, examples, prompts, device)
-            else:
-                presented = self._full_logits(hf, examples, prompts, device)
-        out, r = [], 0
-        for ex, ords in zip(examples, orders):
-            block = presented[r : r + len(ords), : len(ex.choices)]  # [K, N] in presented slots
-            out.append(to_canonical(block, ords).cpu())
-            r += len(ords)
-        return out
+            presented = option_scores(self._scorer(hf, examples, device), prompts, device, share_prefix)  # [R, 26]
+        return canonical_per_question(presented, orders, [len(ex.choices) for ex in examples])
 
     def _read_letters(self, hf, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states ``[R, T, H]`` -> letter logits ``[R, 26]`` at ``positions`` (the LM head runs on R rows only)."""
@@ -185,44 +168,31 @@ class ChatLMBackbone(Backbone):
         logits = hf.get_output_embeddings()(hidden[rows, positions.to(hidden.device)])[:, None, :]  # [R, 1, V]
         return gather_letter_logits(logits, torch.zeros_like(positions), self.letter_ids())
 
-    def _full_logits(self, hf, examples, prompts, device) -> torch.Tensor:
-        """Every order in full: R rows, each with its question's extra inputs. Returns ``[R, 26]``."""
-        flat = [ids for rows in prompts for ids in rows]
-        repeat = torch.tensor([len(rows) for rows in prompts])
-        input_ids, mask = right_pad(flat, self.pad_id)
-        extra = {k: v.repeat_interleave(repeat.to(v.device), dim=0)
-                 for k, v in self._prefill_inputs(hf, examples, device).items()}
-        out = hf.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False, **extra)
-        return self._read_letters(hf, out.last_hidden_state, mask.sum(1) - 1)
-
-    def _shared_prefix_logits(self, hf, examples, prompts, device) -> torch.Tensor:
-        """Prefix once per question, K suffixes from its KV cache. Returns ``[R, 26]``."""
-        split = [min(common_prefix_len(rows), min(len(r) for r in rows) - 1) for rows in prompts]
-        prefixes = [rows[0][:s] for rows, s in zip(prompts, split)]
-        suffixes = [r[s:] for rows, s in zip(prompts, split) for r in rows]
+    def _scorer(self, hf, examples: list[Example], device) -> OptionScorer[list[int]]:
+        """The decoder runs of ``option_scoring`` over token-id rows; the extra inputs (audio) go with the
+        prefix, or with every row when rows run in full."""
+        extra = self._prefill_inputs(hf, examples, device)  # [B, ...] per question
         only_prefix = self._prefix_only_ids()
-        if only_prefix and any(only_prefix.intersection(s) for s in suffixes):
-            raise ValueError("audio tokens differ between option orders; the audio must precede the options.")
-        # 1) prefixes [B, P], right-padded: pad rows still see real tokens before them, so no query row is
-        #    fully masked (which would put NaN into the cache).
-        p_ids, p_mask = right_pad(prefixes, self.pad_id)
-        extra = self._prefill_inputs(hf, examples, device)
-        out = hf.model(input_ids=p_ids.to(device), attention_mask=p_mask.to(device), use_cache=True, **extra)
-        cache = out.cache
-        # 2) expand the cache to one row per order: [B, ...] -> [R, ...]
-        repeat = torch.tensor([len(rows) for rows in prompts])
-        index = torch.repeat_interleave(torch.arange(len(prompts)), repeat)
-        cache.reorder_cache(index.to(device))
-        # 3) suffixes [R, S], positions continue from each question's own prefix length
-        s_ids, s_mask = right_pad(suffixes, self.pad_id)
-        start = torch.tensor(split)[index]  # [R]
-        positions = start[:, None] + torch.arange(s_ids.shape[1])[None, :]  # [R, S]
-        full_mask = torch.cat([p_mask[index], s_mask], dim=1)  # [R, P + S]
-        out = hf.model(
-            input_ids=s_ids.to(device), attention_mask=full_mask.to(device), position_ids=positions.to(device),
-            cache=cache, use_cache=True,
-        )
-        return self._read_letters(hf, out.last_hidden_state, s_mask.sum(1) - 1)
+
+        def check(prefixes: list[list[int]], suffixes: list[list[int]]) -> None:
+            if only_prefix and any(only_prefix.intersection(s) for s in suffixes):
+                raise ValueError("audio tokens differ between option orders; the audio must precede the options.")
+
+        def prefill(ids: torch.Tensor, mask: torch.Tensor):
+            return hf.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True, **extra).cache
+
+        def extend(ids, mask, positions, cache, index) -> torch.Tensor:
+            if cache is None:  # full rows: each takes its question's extra inputs
+                rows_extra = {k: v[index.to(v.device)] for k, v in extra.items()}
+                out = hf.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **rows_extra)
+            else:  # suffixes: the extra inputs are in the cache already
+                out = hf.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                               position_ids=positions.to(device), cache=cache, use_cache=True)
+            return out.last_hidden_state
+
+        return OptionScorer(tokens=lambda row: row, cut=lambda row, a, b: row[a:b],
+                            pad=lambda rows: right_pad(rows, self.pad_id), prefill=prefill, extend=extend,
+                            read=lambda hidden, positions: self._read_letters(hf, hidden, positions), check=check)
 
     # -- generation (generate-mode inference) --------------------------------------------------
     def _question_prompts(self, examples: list[Example]) -> list[list[int]]:

@@ -30,9 +30,9 @@ class AdapterError(UserError, ValueError):
 class LoraConfig:
     """What LoRA trains. ``targets`` narrows the backbone's default language-model layers by leaf name."""
 
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
+    r: int = 8  # LoRA rank
+    alpha: int = 16  # scaling: the update is (alpha / r) * B A
+    dropout: float = 0.05  # dropout on the LoRA input
     targets: list[str] | None = None  # e.g. [q_proj, v_proj]; None: every LM linear layer
     include_audio: bool = False  # also adapt the audio tower and projector
     # Modules trained in full and saved inside the adapter (peft's modules_to_save), by module name, e.g.

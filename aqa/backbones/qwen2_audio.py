@@ -23,6 +23,7 @@ from torch import nn
 
 from aqa.backbones.base import register
 from aqa.backbones.chat_lm import ChatLMBackbone, eval_mode, unwrap
+from aqa.backbones.qwen2_audio_tiny import TinyQwen2AudioSpec, write_tiny_qwen2_audio
 from aqa.data.example import Example
 from aqa.data.prompts import PromptConfig, render_question
 
@@ -40,6 +41,7 @@ def audio_token_count(feature_length: int) -> int:
 class Qwen2AudioBackbone(ChatLMBackbone):
     name = "qwen2_audio"
     spec_augment_key = "input_features"
+    model_types = ("qwen2_audio",)
 
     def __init__(self, model: nn.Module, processor: Any, prompt: PromptConfig | None = None):
         self.model = model
@@ -66,7 +68,7 @@ class Qwen2AudioBackbone(ChatLMBackbone):
                 "directory, or write a tiny one with `python -m aqa.tiny qwen2_audio --out DIR`."
             )
         model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-        if model_type != "qwen2_audio":
+        if model_type not in cls.model_types:
             raise ValueError(f"{path} holds a '{model_type}' model, not qwen2_audio: pick the matching backbone.")
         if not any(path.glob("*.safetensors")):
             raise FileNotFoundError(
@@ -76,6 +78,14 @@ class Qwen2AudioBackbone(ChatLMBackbone):
         model = Qwen2AudioForConditionalGeneration.from_pretrained(path, dtype=dtype, use_safetensors=True)
         processor = Qwen2AudioProcessor.from_pretrained(path)
         return cls(model.to(device), processor, prompt)
+
+    @classmethod
+    def tiny_spec(cls) -> type[TinyQwen2AudioSpec]:
+        return TinyQwen2AudioSpec
+
+    @classmethod
+    def write_tiny(cls, out_dir, seed=0, spec=None) -> Path:
+        return write_tiny_qwen2_audio(out_dir, seed=seed, spec=spec)
 
     def save_processor(self, out_dir: str | Path) -> None:
         self.processor.save_pretrained(out_dir)

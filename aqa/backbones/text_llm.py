@@ -33,6 +33,7 @@ from torch import nn
 
 from aqa.backbones.base import register
 from aqa.backbones.chat_lm import ASSISTANT_START, ChatLMBackbone, unwrap
+from aqa.backbones.text_llm_tiny import TinyQwen2TextSpec, write_tiny_text_llm
 from aqa.data.example import Example
 from aqa.data.prompts import PromptConfig, render_event, render_events, render_question
 
@@ -60,6 +61,9 @@ def user_text(ex: Example, choices: list[str], cfg: PromptConfig) -> str:
 @register
 class TextLLMBackbone(ChatLMBackbone):
     name = "text_llm"
+    # None claimed: it loads any text causal LM transformers knows, and a 'qwen2' or 'llama' config.json
+    # does not say the checkpoint is meant as the cascade's answerer, so aqa.export asks for --backbone.
+    model_types = ()
 
     def __init__(self, model: nn.Module, tokenizer: Any, prompt: PromptConfig | None = None):
         self.model = model
@@ -105,6 +109,14 @@ class TextLLMBackbone(ChatLMBackbone):
             raise ValueError(f"{path} has no chat template (chat_template.jinja or tokenizer_config.json): text_llm "
                              "renders prompts with the checkpoint's own template; use an -Instruct checkpoint.")
         return cls(model.to(device), tokenizer, prompt)
+
+    @classmethod
+    def tiny_spec(cls) -> type[TinyQwen2TextSpec]:
+        return TinyQwen2TextSpec
+
+    @classmethod
+    def write_tiny(cls, out_dir, seed=0, spec=None) -> Path:
+        return write_tiny_text_llm(out_dir, seed=seed, spec=spec)
 
     def save_processor(self, out_dir: str | Path) -> None:
         self.tokenizer.save_pretrained(out_dir)

@@ -1,4 +1,4 @@
-"""BEATs' checkpoint check (registered in ``aqa.check_checkpoint`` as ``beats``).
+"""BEATs' checkpoint check (registered by name in ``aqa.check_checkpoint``: BEATs is not a backbone).
 
     python -m aqa.check_checkpoint --backbone beats --index beats_params.json [--config config.json]
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from aqa.check_checkpoint import PartCheck, Shapes, module_shapes
+from aqa.backbones.checkpoint_check import CheckpointChecker, PartCheck, Shapes, module_shapes
 from aqa.sed.beats import BeatsModel
 from aqa.sed.config import CONFIG_FILE, BeatsConfig, BeatsConfigError, load_beats_config
 from aqa.sed.weights import WEIGHTS_FILE
@@ -49,3 +49,7 @@ def check_beats(config_path: Path | None, index_path: Path) -> list[PartCheck]:
     with torch.device("meta"):
         model = BeatsModel(cfg)
     return [PartCheck("beats", module_shapes(model), shapes)]
+
+
+# --config may be left out: a listing's cfg or a SED directory's config.json stands in for it
+CHECKER = CheckpointChecker(check_beats, config_optional=True)

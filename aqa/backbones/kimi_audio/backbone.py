@@ -21,14 +21,17 @@ from torch import nn
 
 from aqa.backbones import shared_prefix
 from aqa.backbones.base import Backbone, Rollout, register
-from aqa.backbones.chat_lm import common_prefix_len, eval_mode
+from aqa.backbones.chat_lm import eval_mode
+from aqa.backbones.checkpoint_check import CheckpointChecker
 from aqa.backbones.kimi_audio.audio_lm import KimiAudio, load_kimi_audio
-from aqa.backbones.kimi_audio.config import SPECIAL_TOKEN_FIELDS, load_kimi_config
+from aqa.backbones.kimi_audio.checkpoint import check_release
+from aqa.backbones.kimi_audio.config import MODEL_TYPE, SPECIAL_TOKEN_FIELDS, load_kimi_config
 from aqa.backbones.kimi_audio.decoder_view import TextStreamView, pad_features_per_row
 from aqa.backbones.kimi_audio.glm_tokenizer import SPEECH_TOKENIZER_SUBDIR, GlmSpeechTokenizer
 from aqa.backbones.kimi_audio.model import IGNORE_INDEX
 from aqa.backbones.kimi_audio.processor import SpecialIds, TwoStream, inference_prompt, training_sample
 from aqa.backbones.kimi_audio.text_tokenizer import KimiTextTokenizer
+from aqa.backbones.kimi_audio.tiny import TinyKimiAudioSpec, write_tiny_kimi_audio
 from aqa.backbones.kimi_audio.whisper import (
     WHISPER_SUBDIR,
     log_mel_windows,
@@ -36,9 +39,9 @@ from aqa.backbones.kimi_audio.whisper import (
     whisper_feature_extractor,
 )
 from aqa.backbones.letters import answer_lead, letter_token_ids
+from aqa.backbones.option_scoring import OptionScorer, canonical_per_question, option_scores
 from aqa.data.example import Example
 from aqa.data.prompts import PromptConfig, render_question, render_target
-from aqa.eval.orders import to_canonical
 
 LM_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WHISPER_LINEAR = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -82,6 +85,7 @@ def pad_streams(rows: list[TwoStream], pad: int) -> dict[str, torch.Tensor]:
 class KimiAudioBackbone(Backbone):
     name = "kimi_audio"
     spec_augment_key = "whisper_mel"
+    model_types = (MODEL_TYPE,)  # the release's moonshot_kimia: not ours to rename
 
     def __init__(self, model: KimiAudio, tokenizer: KimiTextTokenizer, speech_tokenizer: GlmSpeechTokenizer,
                  whisper_fe, prompt: PromptConfig | None = None):
@@ -113,6 +117,20 @@ class KimiAudioBackbone(Backbone):
             raise ValueError(f"Whisper windows ({fe.n_samples} samples) and speech-tokenizer windows "
                              f"({speech.window_samples}) must nest, or token counts drift apart.")
         return cls(model, tokenizer, speech, fe, prompt)
+
+    @classmethod
+    def tiny_spec(cls) -> type[TinyKimiAudioSpec]:
+        return TinyKimiAudioSpec
+
+    @classmethod
+    def write_tiny(cls, out_dir, seed=0, spec=None) -> Path:
+        """A tiny random-init release directory (``tiny.py``), loaded by exactly the 7B's loader."""
+        return write_tiny_kimi_audio(out_dir, seed=seed, spec=spec)
+
+    @classmethod
+    def checkpoint_checker(cls) -> CheckpointChecker:
+        """LM, Whisper encoder and speech tokenizer against a names/shapes listing or a release index."""
+        return CheckpointChecker(check_release)
 
     def save_processor(self, out_dir: str | Path) -> None:
         """Text tokenizer files and the speech tokenizer folder (the Whisper folder is saved with the model)."""
@@ -226,54 +244,38 @@ class KimiAudioBackbone(Backbone):
             rows = [[inference_prompt(self.tokenizer.encode(render_question(ex.question, [ex.choices[j] for j in o],
                                                                              self.prompt)), c, self.ids, lead)
                      for o in ords] for ex, ords, c in zip(examples, orders, codes)]
-            if share_prefix and any(len(o) > 1 for o in orders):
-                hidden, last = self._shared_prefix_hidden(hf, rows, feats)
-            else:
-                hidden, last = self._full_hidden(hf, rows, feats)
+            letters = option_scores(self._scorer(hf, feats), rows, hf.device, share_prefix)  # [R, 26]
+        return canonical_per_question(letters, orders, [len(ex.choices) for ex in examples])
+
+    def _scorer(self, hf: KimiAudio, feats: list[torch.Tensor]) -> OptionScorer[TwoStream]:
+        """The trunk runs of ``option_scoring`` over two-stream rows: a position is shared when both streams
+        agree there; the prefix is text only, and each suffix or full row takes its question's vectors."""
+
+        def check(prefixes: list[TwoStream], suffixes: list[TwoStream]) -> None:
+            if any(any(p.is_continuous) for p in prefixes):
+                raise ValueError("audio lies in the shared prefix; the prompt must put the question before the audio.")
+
+        def pad(rows: list[TwoStream]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+            batch = pad_streams(rows, self.ids.pad)
+            return batch, batch["attention_mask"]
+
+        def prefill(batch, mask):
+            embeds = hf.lm.model.embed(batch["input_ids"].to(hf.device), batch["text_input_ids"].to(hf.device))
+            return hf.lm.model(embeds, mask.to(hf.device), use_cache=True)[2]
+
+        def extend(batch, mask, positions, cache, index) -> torch.Tensor:
+            vectors = torch.cat([feats[b] for b in index.tolist()])  # one copy per order, row-major
+            embeds = hf.lm.model.embed(batch["input_ids"].to(hf.device), batch["text_input_ids"].to(hf.device),
+                                       batch["is_continuous_mask"].to(hf.device), vectors)
+            positions = None if positions is None else positions.to(hf.device)
+            return hf.lm.model(embeds, mask.to(hf.device), positions, cache, use_cache=cache is not None)[0]
+
+        def read(hidden: torch.Tensor, last: torch.Tensor) -> torch.Tensor:  # [R, T, H], [R] -> [R, 26]
             picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]  # [R, H]
-            letters = hf.lm.lm_head(picked)[:, self.letter_ids().to(hidden.device)].float()  # [R, 26]
-        out, r = [], 0
-        for ex, ords in zip(examples, orders):
-            out.append(to_canonical(letters[r : r + len(ords), : len(ex.choices)], ords).cpu())
-            r += len(ords)
-        return out
+            return hf.lm.lm_head(picked)[:, self.letter_ids().to(hidden.device)].float()
 
-    def _full_hidden(self, hf, rows, feats) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every row in full. Returns normed trunk states ``[R, T, H]`` and each row's last position ``[R]``."""
-        flat = [r for q in rows for r in q]
-        batch = {k: v.to(hf.device) for k, v in pad_streams(flat, self.ids.pad).items() if k != "labels"}
-        vectors = torch.cat([f for f, q in zip(feats, rows) for _ in q])  # row-major, one copy per order
-        embeds = hf.lm.model.embed(batch["input_ids"], batch["text_input_ids"], batch["is_continuous_mask"], vectors)
-        hidden, _, _ = hf.lm.model(embeds, batch["attention_mask"])
-        return hidden, batch["attention_mask"].sum(1) - 1
-
-    def _shared_prefix_hidden(self, hf, rows, feats) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefix once per question, K suffixes from its KV cache. Returns suffix states ``[R, S, H]`` and
-        each row's last suffix position ``[R]``."""
-        split = [min(common_prefix_len([r.text_ids for r in q]), common_prefix_len([r.audio_ids for r in q]),
-                     min(len(r) for r in q) - 1) for q in rows]
-        if any(any(q[0].is_continuous[:s]) for q, s in zip(rows, split)):
-            raise ValueError("audio lies in the shared prefix; the prompt must put the question before the audio.")
-        prefixes = [_slice(q[0], 0, s) for q, s in zip(rows, split)]
-        suffixes = [_slice(r, s, len(r)) for q, s in zip(rows, split) for r in q]
-        device = hf.device
-        # 1) prefixes [B, P], right-padded (pad rows still see real tokens, so no fully masked query row)
-        pre = {k: v.to(device) for k, v in pad_streams(prefixes, self.ids.pad).items()}
-        embeds = hf.lm.model.embed(pre["input_ids"], pre["text_input_ids"])
-        _, _, cache = hf.lm.model(embeds, pre["attention_mask"], use_cache=True)
-        # 2) the cache expanded to one row per order: [B, ...] -> [R, ...]
-        repeat = torch.tensor([len(q) for q in rows])
-        index = torch.repeat_interleave(torch.arange(len(rows)), repeat)
-        cache.reorder_cache(index.to(device))
-        # 3) suffixes [R, S]; positions continue from each question's own prefix length
-        suf = {k: v.to(device) for k, v in pad_streams(suffixes, self.ids.pad).items()}
-        start = torch.tensor(split)[index].to(device)
-        positions = start[:, None] + torch.arange(suf["input_ids"].shape[1], device=device)[None, :]
-        mask = torch.cat([pre["attention_mask"][index.to(device)], suf["attention_mask"]], dim=1)
-        vectors = torch.cat([f for f, q in zip(feats, rows) for _ in q])
-        embeds = hf.lm.model.embed(suf["input_ids"], suf["text_input_ids"], suf["is_continuous_mask"], vectors)
-        hidden, _, _ = hf.lm.model(embeds, mask, positions, cache, use_cache=True)
-        return hidden, suf["attention_mask"].sum(1) - 1
+        return OptionScorer(tokens=lambda r: list(zip(r.audio_ids, r.text_ids)), cut=_slice, pad=pad,
+                            prefill=prefill, extend=extend, read=read, check=check)
 
     # -- generation ----------------------------------------------------------------------------
     def _prompt_batch(self, hf: KimiAudio, examples: list[Example], temperature: float) -> shared_prefix.PromptBatch:

@@ -1,4 +1,4 @@
-"""Kimi-Audio's checkpoint check (registered in ``aqa.check_checkpoint`` as ``kimi_audio``).
+"""Kimi-Audio's checkpoint check (``KimiAudioBackbone.checkpoint_checker()``, run by ``aqa.check_checkpoint``).
 
 Three parts, each built on the meta device and compared with the checkpoint's names and shapes:
 
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import WhisperConfig
 
+from aqa.backbones.checkpoint_check import PartCheck, Shapes, module_shapes
 from aqa.backbones.kimi_audio.config import load_kimi_config
 from aqa.backbones.kimi_audio.glm_tokenizer import (
     SPEECH_TOKENIZER_SUBDIR,
@@ -32,7 +33,6 @@ from aqa.backbones.kimi_audio.glm_tokenizer import (
 from aqa.backbones.kimi_audio.model import KimiAudioForCausalLM
 from aqa.backbones.kimi_audio.weights import tensor_shapes
 from aqa.backbones.kimi_audio.whisper import WHISPER_SUBDIR, build_whisper_encoder, whisper_config
-from aqa.check_checkpoint import PartCheck, Shapes, module_shapes
 
 # openai/whisper-large-v3's architecture (its config.json), for checking a names/shapes listing
 # that comes without the subfolder's config.
