@@ -218,3 +218,34 @@ def test_features_go_through_the_feature_cache(backbone, tmp_path):
     other = dict(backbone.feature_settings())
     other["speech_tokenizer"] = {**other["speech_tokenizer"], "codebook": "0" * 16}
     assert settings_hash(other) != settings_hash(backbone.feature_settings())
+
+
+def test_a_fed_text_id_0_skips_the_text_stream_per_row_as_the_official_forward(release):
+    lm = unwrap(get_backbone("kimi_audio").from_pretrained(release).model).lm.eval()
+    trunk, blank = lm.model, lm.config.kimia_text_blank
+    audio = torch.full((2, 1), blank)
+    text = torch.tensor([[0], [5]])  # a decoding step: row 0 was fed text id 0, row 1 an ordinary id
+    with torch.no_grad():
+        emb = trunk.embed(audio, text)
+        audio_only = trunk.embed_tokens(audio)
+        # the official rule on each row alone: skip embed_tokens(text) when the fed text ids sum to 0
+        assert torch.equal(emb[0], audio_only[0])
+        assert torch.equal(emb[1], audio_only[1] + trunk.embed_tokens(text[1]))
+        both = lm(audio, text).logits[:, -1]  # [2, V]
+        alone = [lm(audio[i : i + 1], text[i : i + 1]).logits[0, -1] for i in range(2)]
+        torch.testing.assert_close(both[0], alone[0])
+        torch.testing.assert_close(both[1], alone[1])  # the other row is unchanged by row 0's rule
+        added = lm.lm_head(trunk(audio_only[:1] + trunk.embed_tokens(text[:1]))[0])[0, -1]  # the id-0 embedding added
+        assert not torch.allclose(both[0], added, atol=1e-4)
+
+
+def test_exported_config_writes_rope_theta_auto_map_and_the_glm_ema_decay(release, tmp_path):
+    raw = json.loads((release / "config.json").read_text())  # as plain JSON, the way any other reader sees it
+    assert raw["rope_theta"] == raw["rope_parameters"]["rope_theta"]
+    assert raw["auto_map"]["AutoModelForCausalLM"] == "modeling_moonshot_kimia.MoonshotKimiaForCausalLM"
+    glm = json.loads((release / "glm-4-voice-tokenizer" / "config.json").read_text())
+    assert glm["quantize_ema_decay"] is not None  # the official code then expects the EMA buffers the file holds
+    lm = unwrap(get_backbone("kimi_audio").from_pretrained(release).model).lm
+    lm.config.save_pretrained(tmp_path)  # what aqa.export writes for a merged model
+    again = json.loads((tmp_path / "config.json").read_text())
+    assert again["rope_theta"] == again["rope_parameters"]["rope_theta"] == raw["rope_theta"]

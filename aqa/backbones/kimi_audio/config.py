@@ -31,10 +31,26 @@ SPECIAL_TOKEN_FIELDS = {
 }
 
 
+# The release's auto_map: its own loader finds its classes through it. Written, never run here.
+RELEASE_AUTO_MAP = {"AutoConfig": "configuration_moonshot_kimia.KimiAudioConfig",
+                    "AutoModelForCausalLM": "modeling_moonshot_kimia.MoonshotKimiaForCausalLM"}
+
+
 class KimiAudioConfig(Qwen2Config):
     """``MoonshotKimiaForCausalLM``'s config as a ``Qwen2Config`` with the Kimi fields (7B defaults)."""
 
     model_type = MODEL_TYPE
+
+    def to_dict(self) -> dict:
+        """transformers 5 writes RoPE only as ``rope_parameters``. The official configuration class, vLLM's
+        port and transformers 4 read a top-level ``rope_theta`` and, not finding it, silently use 10,000: so
+        both forms are written, with the release's ``auto_map``, and every reader sees the same model."""
+        out = super().to_dict()
+        theta = (out.get("rope_parameters") or {}).get("rope_theta")
+        if theta is not None:
+            out["rope_theta"] = float(theta)
+        out.setdefault("auto_map", dict(RELEASE_AUTO_MAP))
+        return out
 
     # MIMO (audio-output) branch: its layers start from the output of trunk layer index
     # kimia_mimo_transformer_from_layer_index (0-based).

@@ -56,6 +56,10 @@ class GlmTokenizerConfig:
     quantize_causal_block_size: int = 200
     encoder_causal_convolution: bool = True
     activation_function: str = "gelu"
+    # The official code registers the EMA codebook buffers (ema_count, ema_weight), which the released file
+    # holds, only when this is set; written so its loader meets them as expected keys. Unused here (no VQ
+    # training); the release's exact value is not confirmed, 0.99 is chosen.
+    quantize_ema_decay: float | None = 0.99
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> GlmTokenizerConfig:

@@ -88,7 +88,12 @@ class KimiAudioTrunk(nn.Module):
             fused = torch.zeros_like(emb).masked_scatter(mask[..., None], adapted)
             # official fusion: (audio token embedding + adapted feature) * sqrt(2) at continuous positions
             emb = torch.where(mask[..., None], (emb + fused) * math.sqrt(2.0), emb)
-        return emb + self.embed_tokens(text_input_ids)
+        # The official forward adds the text stream only when the text ids it is fed are not all 0 (decoding
+        # feeds one id per row, and a sampled id 0 then contributes nothing). Applied per row, so one such row
+        # leaves the other rows of a batch as they would be alone.
+        text = self.embed_tokens(text_input_ids)  # [B, T, H]
+        fed = (text_input_ids != 0).any(dim=1)[:, None, None]  # [B, 1, 1]
+        return emb + torch.where(fed, text, torch.zeros_like(text))
 
     def forward(
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
