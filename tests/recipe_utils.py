@@ -49,3 +49,75 @@ def deepspeed(script: str, *args: str, ranks: int = 2, timeout: int = 600) -> su
 def python(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """``python SCRIPT ARGS...`` with this interpreter, checked."""
     return run_checked([sys.executable, script, *args], timeout=timeout)
+
+
+# -- killing a run for real ----------------------------------------------------------------------------------
+def _newer_than(path: Path, t0: float) -> bool:
+    return any(f.stat().st_mtime >= t0 for f in path.rglob("*") if f.is_file())
+
+
+def _reached(run_dir: Path, kind: str, step: int, t0: float) -> bool:
+    """Has the run launched at ``t0`` reached the kill point? ``step``: a metrics row of that step is written
+    (the run is inside the next step or the checkpoint after it); ``writing``: the checkpoint of that step is
+    being written by this launch (or already done: the window can be shorter than a poll); ``after``: the
+    checkpoint of that step is complete."""
+    tag = run_dir / "checkpoints" / f"step_{step:08d}"
+    if kind == "step":
+        rows = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
+        return any(f'"step": {s},' in line for line in rows for s in range(step, step + 100))
+    if kind == "writing":
+        return tag.is_dir() and _newer_than(tag, t0)
+    return (tag / "COMPLETE").is_file() and (tag / "COMPLETE").stat().st_mtime >= t0
+
+
+def run_with_kills(cmd: list[str], run_dir: Path, points: list[tuple[str, int]], timeout: int = 600,
+                   before_final=None) -> tuple[list[str], subprocess.CompletedProcess]:
+    """Launch ``cmd`` (a new process group), SIGKILL the whole group when each kill point is reached, relaunch
+    the same command, and after the last point let it finish (``before_final()`` runs just before that launch).
+    Returns what happened at each point and the final run."""
+    import signal
+    import time
+
+    happened = []
+    for kind, step in points:
+        t0 = time.time()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=recipe_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        while proc.poll() is None and time.time() - t0 < timeout:
+            if _reached(run_dir, kind, step, t0):
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                happened.append(f"{kind}@{step}")
+                break
+            time.sleep(0.01)
+        else:
+            happened.append(f"finished before {kind}@{step} (exit {proc.returncode})")
+    if before_final is not None:
+        before_final()
+    return happened, run_checked(cmd, timeout=timeout)
+
+
+def kill_points(seed: int, steps: int = 5) -> list[tuple[str, int]]:
+    """One kill per step 1..steps: inside a step, while its checkpoint is written, right after it; each kind at
+    least once, the rest drawn with a fixed seed."""
+    import random
+
+    rng = random.Random(seed)
+    kinds = ["step", "writing", "after"] + [rng.choice(["step", "writing", "after"]) for _ in range(steps - 3)]
+    rng.shuffle(kinds)
+    return list(zip(kinds, range(1, steps + 1)))
+
+
+def cut_off_a_save(run_dir: Path) -> str:
+    """What a kill in the middle of a save leaves: the next step's directory with part of the files and no
+    COMPLETE marker. Returns its name."""
+    import shutil
+
+    done = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file())
+    cut = done[-1].with_name(f"step_{int(done[-1].name[5:]) + 1:08d}")
+    shutil.rmtree(cut, ignore_errors=True)
+    shutil.copytree(done[-1], cut)
+    (cut / "COMPLETE").unlink()
+    for f in sorted(cut.rglob("*.pt"))[1:]:
+        f.unlink()  # torn: some shards never made it
+    return cut.name

@@ -21,6 +21,7 @@ from aqa.backbones.lora import LoraConfig, apply_lora
 from aqa.backbones.qwen2_audio_tiny import IM_END, build_tiny_qwen2_audio
 from aqa.runtime.checkpoint import save_adapter
 from aqa.runtime.distributed import free_port
+from tests.recipe_utils import cut_off_a_save, kill_points, run_with_kills
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/demo/qwen2_audio_grpo.yaml"
@@ -64,6 +65,11 @@ def _env():
 
 
 def _run(setup, out: Path, *overrides: str, launcher=("deepspeed", "--num_gpus", "2")) -> subprocess.CompletedProcess:
+    cmd = _cmd(setup, out, *overrides, launcher=launcher)
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def _cmd(setup, out: Path, *overrides: str, launcher=("deepspeed", "--num_gpus", "2")) -> list[str]:
     exe = shutil.which(launcher[0], path=str(Path(sys.executable).parent)) if launcher[0] == "deepspeed" else None
     # a free port: the launcher's default (29500) may be taken by another job on the machine
     port = ["--master_port", str(free_port())] if exe else []
@@ -72,7 +78,7 @@ def _run(setup, out: Path, *overrides: str, launcher=("deepspeed", "--num_gpus",
         f"data_dir={setup['data']}", f"output_dir={out}", f"cache_dir={setup['cache']}", "max_steps=4",
         "batch.per_device=4", "grpo.sampling.max_new_tokens=1", "logging.every_steps=1", "logging.report_to=[]",
         "eval.every_steps=0", "eval.limit=4", "checkpoint.every_steps=2", "progress=false", *overrides]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    return cmd
 
 
 def _rows(run_dir: Path, kind="train"):
@@ -149,3 +155,22 @@ def test_missing_sft_adapter_is_a_clear_error(setup):
     res = _run(setup, setup["root"] / "bad", f"sft_adapter={setup['root'] / 'no_such_adapter'}", launcher=("python",))
     assert res.returncode != 0
     assert "Train SFT first" in res.stderr
+
+
+def test_sigkill_anywhere_resumes_to_the_uninterrupted_adapter(setup):
+    args = ("max_steps=6", "checkpoint.every_steps=1", "checkpoint.keep_last=2", "eval.at_end=false")
+    full = setup["root"] / "kill_reference"
+    res = _run(setup, full, *args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = setup["root"] / "killed"
+    cut: list[str] = []
+    happened, final = run_with_kills(_cmd(setup, out, *args), out, kill_points(seed=5),
+                                     before_final=lambda: cut.append(cut_off_a_save(out)))
+    assert sum(h.split("@")[0] in ("step", "writing", "after") for h in happened) == 5, happened
+    assert f"skipped {cut[0]}: cut off while being written" in final.stderr
+    a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:  # the stacked SFT + GRPO adapter, as exported
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0, msg=lambda m, n=name: f"{n}: {m} ({happened})")
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4, 5, 6], happened  # no duplicated or missing steps

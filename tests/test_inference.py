@@ -163,3 +163,32 @@ def test_run_script_and_config_files(flat_model, data_dir, tmp_path, capsys):
         run_inference(_cfg(flat_model, tmp_path / "nowhere", tmp_path), "dev")
     with pytest.raises(FileNotFoundError, match="adapter"):
         run_inference(_cfg(flat_model, data_dir, tmp_path / "x", adapter=str(tmp_path / "no_adapter")), "dev")
+
+
+def test_unparsed_generated_answers_are_wrong_and_counted(monkeypatch, flat_model, data_dir, tmp_path):
+    from aqa.backbones.qwen2_audio import Qwen2AudioBackbone
+    from aqa.eval.predict import format_metrics
+
+    # every generated answer names no option (as MMAU's scorer would see "I cannot tell")
+    monkeypatch.setattr(Qwen2AudioBackbone, "generate_answers", lambda self, model, exs, n: ["I cannot tell"] * len(exs))
+    out = run_inference(_cfg(flat_model, data_dir, tmp_path / "g", mode="generate"), "dev")
+    rows = _rows(out["predictions"])
+    assert all(r["pred"] is None and not r["parsed"] for r in rows)
+    assert all(set(r["option_logits"]) == {0.0} for r in rows)  # flat: no preference for any option
+    assert out["metrics"]["weighted_mean"] == 0.0 and out["metrics"]["unparsed"] == 5  # never option A's luck
+    assert "unparsed (wrong)          5 of 5" in format_metrics(out["metrics"])
+    sub = list(csv.reader((tmp_path / "g" / "dev" / "submission.csv").open()))
+    assert sub[0] == ["question", "answer"] and len(sub) == 6 and all(r[1] == "" for r in sub[1:])
+
+
+def test_metrics_break_accuracy_down_by_meta_keys():
+    rows = [{"id": str(i), "part": "mmau", "choices": ["a", "b"], "option_logits": [0.0, 0.0], "pred": pred,
+             "answer": "a", "model": "m", "meta": {"task": task, "difficulty": diff}}
+            for i, (pred, task, diff) in enumerate([("a", "sound", "easy"), ("b", "sound", "hard"),
+                                                    ("a", "music", "hard"), ("a", "speech", "easy")])]
+    metrics = compute_metrics(rows, InferConfig(model_path="m", data_dir="d", output_dir="o",
+                                                breakdown=["task", "difficulty", "sub_category"]), "dev")
+    assert metrics["breakdown"]["task"] == {"music": {"accuracy": 1.0, "n": 1}, "sound": {"accuracy": 0.5, "n": 2},
+                                            "speech": {"accuracy": 1.0, "n": 1}}
+    assert metrics["breakdown"]["difficulty"] == {"easy": {"accuracy": 1.0, "n": 2}, "hard": {"accuracy": 0.5, "n": 2}}
+    assert "sub_category" not in metrics["breakdown"]  # no row has it

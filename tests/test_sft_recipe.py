@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from aqa.runtime.distributed import free_port
 from aqa.runtime.logging import read_metrics
+from tests.recipe_utils import cut_off_a_save, kill_points, run_with_kills
 
 pytestmark = pytest.mark.slow
 
@@ -36,13 +37,18 @@ def assets(tmp_path_factory):
     return {"root": root, "model": model, "data": root / "data"}
 
 
+def sft_cmd(assets, out: Path, *extra: str, ranks: int = 2) -> list[str]:
+    """The user's command, with the sizes of a test."""
+    return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "train/sft.py",
+            "--config", CONFIG, f"model_path={assets['model']}", f"data_dir={assets['data']}",
+            f"output_dir={out}", f"cache_dir={assets['root'] / 'cache'}", f"max_steps={STEPS}",
+            "batch.global_size=8", "batch.micro_size=2", "optim.warmup_steps=1", "eval.every_steps=2",
+            "eval.limit=8", "checkpoint.every_steps=2", "logging.every_steps=1", "progress=false", *extra]
+
+
 def launch(assets, out: Path, *extra: str, ranks: int = 2) -> subprocess.CompletedProcess:
-    """The user's command, with the sizes of a test; CPU even where a GPU exists."""
-    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "train/sft.py",
-           "--config", CONFIG, f"model_path={assets['model']}", f"data_dir={assets['data']}",
-           f"output_dir={out}", f"cache_dir={assets['root'] / 'cache'}", f"max_steps={STEPS}",
-           "batch.global_size=8", "batch.micro_size=2", "optim.warmup_steps=1", "eval.every_steps=2",
-           "eval.limit=8", "checkpoint.every_steps=2", "logging.every_steps=1", "progress=false", *extra]
+    """Run the user's command on CPU even where a GPU exists; a failure shows both output tails."""
+    cmd = sft_cmd(assets, out, *extra, ranks=ranks)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu",
            "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -121,3 +127,25 @@ def test_stop_then_resume_equals_the_uninterrupted_run(full_run, assets):
     assert [r["step"] for r in train] == [1, 2, 3, 4]  # each step once across the two invocations
     full = read_metrics(full_run / "metrics.jsonl", kind="train")
     assert [r["loss"] for r in train] == pytest.approx([r["loss"] for r in full], abs=1e-6)
+
+
+KILL_ARGS = ("max_steps=6", "checkpoint.every_steps=1", "checkpoint.keep_last=2", "eval.every_steps=0",
+             "eval.at_end=false", "logging.report_to=[]")
+
+
+def test_sigkill_anywhere_resumes_to_the_uninterrupted_adapter(assets):
+    full = assets["root"] / "kill_reference"
+    launch(assets, full, *KILL_ARGS)
+    out = assets["root"] / "killed"
+    cut: list[str] = []
+    happened, final = run_with_kills(sft_cmd(assets, out, *KILL_ARGS), out, kill_points(seed=3),
+                                     before_final=lambda: cut.append(cut_off_a_save(out)))
+    assert sum(h.split("@")[0] in ("step", "writing", "after") for h in happened) == 5, happened
+    assert f"skipped {cut[0]}: cut off while being written" in final.stderr  # never loaded, and said so
+    a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0, msg=lambda m, n=name: f"{n}: {m} ({happened})")
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl", kind="train")]
+    assert steps == [1, 2, 3, 4, 5, 6], (steps, happened)  # no duplicated or missing steps

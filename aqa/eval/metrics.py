@@ -111,12 +111,13 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
 
 
 def write_submission(rows: Iterable[dict[str, Any]], path: str | Path) -> None:
-    """DCASE submission CSV: header ``question,answer``, the verbatim option text per question id."""
+    """DCASE submission CSV: header ``question,answer``, the verbatim option text per question id (empty for a
+    generated answer that named no option: one row per question, scored wrong)."""
     with Path(path).open("w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["question", "answer"])
         for row in rows:
-            writer.writerow([row["id"], row["pred"]])
+            writer.writerow([row["id"], "" if row["pred"] is None else row["pred"]])
 
 
 def write_json(obj: Any, path: str | Path) -> None:

@@ -53,6 +53,9 @@ class InferConfig:
     device: str = "auto"  # auto: cuda if available, else cpu; or a torch device string
     cache_dir: str | None = None  # feature cache dir; None computes features in memory
     limit: int | None = None  # score only the first N questions (smoke runs)
+    # metrics.json breaks accuracy down by these manifest meta keys (those a split has): DCASE's question_type,
+    # MMAU's task, difficulty and sub_category, as MMAU publishes them
+    breakdown: list[str] = field(default_factory=lambda: ["question_type", "task", "difficulty", "sub_category"])
     progress: bool = True  # a progress bar
     prompt: PromptConfig = field(default_factory=PromptConfig)
 
@@ -127,7 +130,17 @@ def orders_for(record: Record, k: int, seed: int) -> list[list[int]]:
 
 def score_batch(backbone, records: list[Record], examples: list[Example], cfg: InferConfig,
                 model_name: str) -> list[dict[str, Any]]:
-    """Prediction rows (the predictions contract plus diagnostics) for one batch."""
+    """Prediction rows (the predictions contract plus diagnostics, and ``meta`` with the breakdown keys)."""
+    rows = _score(backbone, records, examples, cfg, model_name)
+    for rec, row in zip(records, rows):
+        meta = {k: rec.meta[k] for k in cfg.breakdown if rec.meta.get(k) is not None}
+        if meta:
+            row["meta"] = meta
+    return rows
+
+
+def _score(backbone, records: list[Record], examples: list[Example], cfg: InferConfig,
+           model_name: str) -> list[dict[str, Any]]:
     rows = []
     if cfg.mode == "logits":
         orders = [orders_for(r, cfg.permutations, cfg.seed) for r in records]
@@ -144,12 +157,12 @@ def score_batch(backbone, records: list[Record], examples: list[Example], cfg: I
         texts = backbone.generate_answers(backbone.model, examples, cfg.max_new_tokens)
         for rec, text in zip(records, texts):
             index = parse_answer(text, rec.choices)
-            # An unparsed answer keeps flat logits and falls back to the first option, so the submission
-            # stays complete; "parsed" tells it apart and metrics count it.
+            # An answer that names no option is wrong, never a guess: pred is null, the logits are flat (so the
+            # ensemble reads no preference), and the submission row is empty. "parsed" tells it apart.
             logits = [0.0 if index in (None, i) else UNPARSED_LOGIT for i in range(len(rec.choices))]
             rows.append({
                 "id": rec.id, "part": rec.part, "choices": rec.choices, "option_logits": logits,
-                "pred": rec.choices[index or 0], "answer": rec.answer, "model": model_name,
+                "pred": None if index is None else rec.choices[index], "answer": rec.answer, "model": model_name,
                 "generated": text, "parsed": index is not None,
             })
     return rows
@@ -204,6 +217,14 @@ def compute_metrics(rows: list[dict[str, Any]], cfg: InferConfig, split: str) ->
             del r["_order_mean"], r["_order_strict"]
     if cfg.mode == "generate":
         metrics["unparsed"] = sum(not r["parsed"] for r in rows)
+    breakdown = {}
+    for key in cfg.breakdown:
+        keyed = [{**r, "part": str(r["meta"][key])} for r in answered if key in r.get("meta", {})]
+        if keyed:
+            acc = accuracy_by_part(keyed)
+            breakdown[key] = {value: {"accuracy": a, "n": acc["counts"][value]} for value, a in acc["per_part"].items()}
+    if breakdown:
+        metrics["breakdown"] = breakdown
     return metrics
 
 
@@ -269,6 +290,8 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     lines.append(f"{'arith. mean':<18}{100 * metrics['arithmetic_mean']:>9.1f}")
     lines.append(f"{'weighted':<18}{100 * metrics['weighted_mean']:>9.1f}")
     lines.append(f"{'chance':<18}{100 * metrics['chance']:>9.1f}")
+    if "unparsed" in metrics:  # generate mode: answers that named no option, all counted wrong
+        lines.append(f"{'unparsed (wrong)':<18}{metrics['unparsed']:>9d} of {metrics['n']}")
     if "strict" in metrics:
         k = metrics["permutations"]
         lines.append(f"{f'mean ({k} orders)':<18}{100 * metrics['mean_over_orders']['weighted_mean']:>9.1f}")

@@ -22,6 +22,7 @@ import json
 import random
 import re
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,16 @@ def find_latest(ckpt_root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def incomplete_after(ckpt_root: str | Path, latest: Path | None) -> list[Path]:
+    """Checkpoint directories newer than ``latest`` that lack ``COMPLETE``: saves a kill cut off."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    newest = step_of(latest) if latest is not None else -1
+    cut = [p for p in root.iterdir() if p.is_dir() and (step_of(p) or -1) > newest and not is_complete(p)]
+    return sorted(cut, key=lambda p: step_of(p))
+
+
 def check_run_dir(run_dir: str | Path, resume_dir: Path | None, resume: str) -> None:
     """Refuse a fresh start (``resume=none``) in a run dir that holds checkpoints of an earlier run: a later
     ``resume=auto`` would mix the two runs."""
@@ -156,7 +167,12 @@ def resolve_resume(resume: str | None, ckpt_root: str | Path) -> Path | None:
     if resume is None or resume.lower() in ("", "none", "false", "no"):
         return None
     if resume == "auto":
-        return find_latest(ckpt_root)
+        latest = find_latest(ckpt_root)
+        cut = incomplete_after(ckpt_root, latest)
+        if cut and distributed.is_main():
+            print(f"resume: skipped {', '.join(p.name for p in cut)}: cut off while being written (no {COMPLETE} "
+                  f"marker); resuming from {latest.name if latest else 'the start'}", file=sys.stderr, flush=True)
+        return latest
     path = Path(resume)
     if not path.is_dir():
         raise CheckpointError(f"resume={resume} is not a directory. Use resume=auto, resume=none, or a "
