@@ -104,7 +104,6 @@ EXPECTED_REASONS = {
     "answer_not_a_choice": "answer 'Blue whale' is not among the choices",
     "one_choice": "1 choice(s)",
     "too_many_choices": "27 choices",
-    "duplicate_choices": "duplicate choices",
     "empty_question": "empty question",
     "missing_answer": "missing answer in split 'dev'",
     "choice_not_list": "must be a list",
@@ -122,15 +121,16 @@ def test_every_case_lands_where_it_should(raw, capsys):
     assert rc == 0
     kept = {r.id: r for r in load_manifest(out / "dev.jsonl")}
     quarantine = {q["id"]: q for q in read_jsonl(out / "quarantine.jsonl")}
-    assert set(kept) == set(good)
+    assert set(kept) == set(good) | {"duplicate_choices"}  # a repeated option is kept in dev, scored by text
+    assert kept["duplicate_choices"].choices == ["Orca", "Sperm whale", "Orca"]
     assert set(quarantine) == set(EXPECTED_REASONS)
     for rid, reason in EXPECTED_REASONS.items():
         assert reason in quarantine[rid]["reason"], (rid, quarantine[rid])
         assert quarantine[rid]["source"].endswith(f"{rid}.json") and quarantine[rid]["split"] == "dev"
     # Counts add up, in the printed summary and on disk.
-    n_in = len(good) + len(EXPECTED_REASONS)
-    assert f"in={n_in} kept={len(good)} quarantined={len(EXPECTED_REASONS)} (dev={len(good)})" in capsys.readouterr().out
-    assert read_dataset_info(out)["splits"]["dev"]["count"] == len(good)
+    n_in, n_kept = len(good) + len(EXPECTED_REASONS) + 1, len(good) + 1
+    assert f"in={n_in} kept={n_kept} quarantined={len(EXPECTED_REASONS)} (dev={n_kept})" in capsys.readouterr().out
+    assert read_dataset_info(out)["splits"]["dev"]["count"] == n_kept
     assert not (out / "train.jsonl").exists()  # a --split dev run owns dev only
 
     r = kept["stereo"]

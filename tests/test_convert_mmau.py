@@ -49,24 +49,31 @@ def test_real_fixture_with_a_subset_of_audio(tmp_path, items, capsys):
 
     kept = {r.id: r for r in load_manifest(out / "dev.jsonl")}
     quarantine = {q["id"]: q["reason"] for q in read_jsonl(out / "quarantine.jsonl")}
-    expect_kept = {i for i, it in subset.items() if not has_duplicate_choices(it)}
+    expect_kept = set(subset)  # repeated options included: dev scores them by text
     assert set(kept) == expect_kept
     assert len(kept) + len(quarantine) == len(items)
     n_q = len(items) - len(expect_kept)
     assert f"in=1000 kept={len(expect_kept)} quarantined={n_q} (dev={len(expect_kept)})" in capsys.readouterr().out
 
-    for it in dupes:  # has audio, but its options repeat: quarantined for that, not for audio
-        assert "duplicate choices" in quarantine[it["id"]]
+    for it in dupes:  # has audio and repeated options: kept, options as the source has them
+        trimmed = [c.strip() for c in it["choices"]]
+        assert kept[it["id"]].choices == trimmed and len(set(trimmed)) < len(trimmed)
     missing = [it for it in items if it["id"] not in subset]
     for it in missing:
         name = Path(it["audio_id"]).name
-        if not has_duplicate_choices(it):
-            assert quarantine[it["id"]] == f"audio file '{name}' not found under the audio root"
+        assert quarantine[it["id"]] == f"audio file '{name}' not found under the audio root"
+
+    train = tmp_path / "train_out"  # converted for training, repeated options are quarantined instead
+    assert main(["--src", str(FIXTURE), "--audio-root", str(root), "--split", "train", "--out", str(train),
+                 "--no-progress"]) == 0
+    q_train = {q["id"]: q["reason"] for q in read_jsonl(train / "quarantine.jsonl")}
+    assert all("duplicate choices" in q_train[it["id"]] for it in dupes)
 
     for item_id, rec in kept.items():
         src = subset[item_id]
         assert rec.part == "mmau" and rec.split == "dev"
-        assert rec.choices == src["choices"] and rec.answer == src["answer"] and rec.question == src["question"]
+        assert rec.choices == [c.strip() for c in src["choices"]] and rec.answer == src["answer"].strip()
+        assert rec.question == src["question"].strip()
         assert rec.meta["task"] == src["task"] and rec.meta["difficulty"] == src["difficulty"]
         assert rec.meta["sub_category"] == src["sub-category"] and rec.meta["source_split"] == "test-mini"
         assert rec.meta["category"] in ("Reasoning", "Information Extraction")  # lists normalised to text

@@ -192,3 +192,11 @@ def test_metrics_break_accuracy_down_by_meta_keys():
                                             "speech": {"accuracy": 1.0, "n": 1}}
     assert metrics["breakdown"]["difficulty"] == {"easy": {"accuracy": 1.0, "n": 2}, "hard": {"accuracy": 0.5, "n": 2}}
     assert "sub_category" not in metrics["breakdown"]  # no row has it
+
+
+def test_repeated_options_are_scored_by_text_in_every_order():
+    row = {"id": "q", "part": "mmau", "choices": ["three", "one", "three", "zero"], "option_logits": [0.0, 0.0, 1.0, 0.0],
+           "pred": "three", "answer": "three", "model": "m", "order_preds": [2, 0]}  # either "three" is right
+    metrics = compute_metrics([row], InferConfig(model_path="m", data_dir="d", output_dir="o", permutations=2), "dev")
+    assert metrics["weighted_mean"] == 1.0
+    assert metrics["mean_over_orders"]["weighted_mean"] == 1.0 and metrics["strict"]["weighted_mean"] == 1.0

@@ -35,6 +35,13 @@ def test_good_record_passes():
     assert check_record(rec(), set()) is None
 
 
+def test_repeated_options_are_kept_in_dev_and_eval_only():
+    repeated = dict(choices=["one", "three", "three", "zero"], answer="three")
+    assert check_record(rec(split="dev", **repeated)) is None  # scored by text: both "three" positions are right
+    assert check_record(rec(split="eval", **repeated)) is None
+    assert "duplicate choices: options 2 and 3" in check_record(rec(split="train", **repeated))
+
+
 def test_26_choices_pass_and_eval_may_omit_answer():
     letters = list(string.ascii_uppercase)
     assert check_record(rec(choices=letters, answer="Z")) is None

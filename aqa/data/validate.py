@@ -1,7 +1,8 @@
 """The rules every kept manifest record obeys. Each check returns a reason a person understands, or None.
 
 Record rules: a non-empty id unique in its manifest directory; a known split; a non-empty part and
-question; 2 to 26 choices (26 option letters exist), none empty, unique after trimming whitespace;
+question; 2 to 26 choices (26 option letters exist), none empty, unique after trimming whitespace in the
+train split (dev and eval keep repeated options, scored by text);
 the answer is one of the choices, and may be null only in the ``eval`` split.
 
 Audio rules: the path stays inside the audio root, the file decodes, its samples are finite and it
@@ -84,9 +85,13 @@ def check_record(record: Record, seen_ids: set[str] | None = None) -> str | None
             return f"choice {i + 1} is empty"
     seen: dict[str, int] = {}
     for i, text in enumerate(trimmed):
-        if text in seen:
-            return f"duplicate choices: options {seen[text] + 1} and {i + 1} both read '{text}'"
-        seen[text] = i
+        # An evaluation split keeps such a question (a benchmark is scored over all of its questions, by option
+        # text: any position holding the answer's text is right). Training would teach one letter of two
+        # identical texts, so the train split quarantines it.
+        if text in seen and record.split == "train":
+            return (f"duplicate choices: options {seen[text] + 1} and {i + 1} both read '{text}' (kept in dev and "
+                    "eval, where they are scored by text; not trained on)")
+        seen.setdefault(text, i)
     if record.answer is None:
         if record.split != "eval":
             return f"missing answer in split '{record.split}' (only the eval split may omit answers)"

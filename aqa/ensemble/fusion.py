@@ -242,11 +242,12 @@ def system_metrics(data: Aligned, log_probs: np.ndarray, bins: int = 10) -> dict
     """Accuracy, NLL, ECE and per-part accuracy of one system's ``log_probs [N, K]`` on answered ``data``."""
     pred = np.where(data.mask, log_probs, -np.inf).argmax(-1)  # [N]
     confidence = np.exp(log_probs.max(-1, where=data.mask, initial=-np.inf))
-    correct = pred == data.answers
-    rows = [{"part": p, "pred": int(a), "answer": int(b)} for p, a, b in zip(data.parts, pred, data.answers)]
+    # by option text, as inference scores: a repeated option holding the answer's text is right too
+    correct = np.array([c[int(a)] == c[int(b)] for c, a, b in zip(data.choices, pred, data.answers)])
+    rows = [{"part": p, "correct": float(ok), "answer": int(b)} for p, ok, b in zip(data.parts, correct, data.answers)]
     nll = -log_probs[np.arange(len(data.ids)), data.answers]
     return {"accuracy": float(correct.mean()), "nll": float(nll.mean()),
-            "ece": expected_calibration_error(confidence, correct, bins), **accuracy_by_part(rows)}
+            "ece": expected_calibration_error(confidence, correct, bins), **accuracy_by_part(rows, "correct")}
 
 
 def prediction_rows(data: Aligned, log_probs: np.ndarray, model: str = "ensemble") -> list[dict[str, Any]]:

@@ -33,7 +33,8 @@ def evaluate(backbone: Any, model: nn.Module, dataset, batch_size: int, limit: i
         examples = [dataset[i] for i in mine[start : start + batch_size]]
         logits = backbone.option_logits(model, examples)  # per question [1, N], canonical order
         for ex, row in zip(examples, logits):
-            correct = float(int(row[0].argmax()) == ex.answer_index)
+            # by text, as inference scores: a repeated option holding the answer's text is right too
+            correct = float(ex.choices[int(row[0].argmax())] == ex.choices[ex.answer_index])
             rows.append(json.dumps({"part": ex.meta["part"], "correct": correct, "answer": ex.answer_index}))
     gathered = [json.loads(r) for rank_rows in distributed.all_gather_strings(rows) for r in rank_rows]
     acc = accuracy_by_part(gathered, correct_key="correct")

@@ -60,7 +60,9 @@ def order_predictions(canonical: torch.Tensor) -> list[int]:
     return canonical.argmax(dim=-1).tolist()
 
 
-def order_accuracy(order_preds: Sequence[int], answer_index: int) -> tuple[float, float]:
-    """(mean, strict) correctness of one question over its orders: the fraction right, and all right."""
-    hits = [p == answer_index for p in order_preds]
+def order_accuracy(order_preds: Sequence[int], right: int | set[int]) -> tuple[float, float]:
+    """(mean, strict) correctness of one question over its orders: the fraction right, and all right.
+    ``right``: the answer's canonical index, or every index holding the answer's text (repeated options)."""
+    right = {right} if isinstance(right, int) else right
+    hits = [p in right for p in order_preds]
     return sum(hits) / len(hits), float(all(hits))

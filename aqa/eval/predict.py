@@ -209,7 +209,8 @@ def compute_metrics(rows: list[dict[str, Any]], cfg: InferConfig, split: str) ->
                                **accuracy_by_part(answered), "chance": chance_level(answered)}
     if cfg.mode == "logits" and cfg.permutations > 1:
         for r in answered:
-            r["_order_mean"], r["_order_strict"] = order_accuracy(r["order_preds"], r["choices"].index(r["answer"]))
+            right = {i for i, c in enumerate(r["choices"]) if c == r["answer"]}  # repeated options: by text
+            r["_order_mean"], r["_order_strict"] = order_accuracy(r["order_preds"], right)
         metrics["permutations"] = cfg.permutations
         metrics["mean_over_orders"] = accuracy_by_part(answered, correct_key="_order_mean")
         metrics["strict"] = accuracy_by_part(answered, correct_key="_order_strict")

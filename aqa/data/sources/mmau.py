@@ -8,8 +8,9 @@ data set and the source split go to ``meta``.
 
 MMAU answers are known, so the records go to the ``dev`` split by default: inference on ``--split dev``
 then reports accuracy. The official file holds 27 items whose options repeat a text (e.g.
-``["one", "three", "three", "zero"]``); the manifest contract forbids duplicate options (a duplicated
-correct option makes the letter ambiguous), so those items are quarantined with that reason.
+``["one", "three", "three", "zero"]``): in dev and eval they are kept and scored by text (any position
+holding the answer's text is right), so all 1000 questions are scored as published figures are; converted
+into the train split (``--split train``) they are quarantined with that reason.
 """
 
 from __future__ import annotations
