@@ -278,3 +278,21 @@ def test_eval_with_answers_is_scored_and_matches_dev_when_it_is_dev(tmp_path, me
     metrics = json.loads((tmp_path / "ens/metrics.json").read_text())
     assert metrics["eval"] == {**metrics["dev"], "split": "eval"}
     assert (tmp_path / "ens/eval.jsonl").read_text() == (tmp_path / "ens/dev.jsonl").read_text()
+
+
+def test_fused_submission_writes_the_members_official_option_strings(tmp_path):
+    from aqa.eval.metrics import write_submission
+
+    def row(qid, logits, raw):
+        out = {"id": qid, "part": "bqa", "choices": ["Orca", "Humpback whale"], "option_logits": logits,
+               "pred": "Orca", "answer": None, "model": "m"}
+        return {**out, "raw_choices": raw} if raw else out
+
+    raw = ["A. Orca", "B. Humpback whale"]
+    members = {"a": [row("q1", [0.0, 2.0], raw), row("q2", [1.0, 0.0], None)],
+               "b": [row("q1", [0.0, 1.0], raw), row("q2", [2.0, 0.0], None)]}
+    data = align(members)
+    rows = prediction_rows(data, member_log_probs(data)[0])
+    write_submission(rows, tmp_path / "s.csv")
+    assert list(csv.reader((tmp_path / "s.csv").open())) == [["question", "answer"], ["q1", "B. Humpback whale"],
+                                                            ["q2", "Orca"]]

@@ -200,3 +200,24 @@ def test_repeated_options_are_scored_by_text_in_every_order():
     metrics = compute_metrics([row], InferConfig(model_path="m", data_dir="d", output_dir="o", permutations=2), "dev")
     assert metrics["weighted_mean"] == 1.0
     assert metrics["mean_over_orders"]["weighted_mean"] == 1.0 and metrics["strict"]["weighted_mean"] == 1.0
+
+
+def test_submission_writes_the_official_option_strings_verbatim(tmp_path):
+    """The synthetic DCASE raw layout letters its BQA/TSQA options ("A. engine hum"): the manifest keeps those
+    strings beside the cleaned ones, prompts use the cleaned text, and submission.csv writes the raw one."""
+    from data_prep.synth import main as synth
+
+    assert synth(["--out", str(tmp_path / "d"), "--train", "3", "--dev", "9", "--eval", "3", "--no-progress"]) == 0
+    official = {}
+    for path in (tmp_path / "d" / "raw").glob("Part*/dev/*.json"):
+        official[path.stem] = json.loads(path.read_text())["choice"]
+    out = run_inference(_cfg(write_tiny_dir(tmp_path), tmp_path / "d", tmp_path / "o"), "dev")
+    rows = {r["id"]: r for r in _rows(out["predictions"])}
+    submitted = dict(list(csv.reader((tmp_path / "o" / "dev" / "submission.csv").open()))[1:])
+    assert set(submitted) == set(official) == set(rows)
+    lettered = [qid for qid, raw in official.items() if raw[0].startswith("A. ")]
+    assert lettered and any(not raw[0].startswith("A. ") for raw in official.values())  # both kinds present
+    for qid, answer in submitted.items():
+        assert answer in official[qid], (qid, answer, official[qid])  # verbatim, "B. rattle" and not "rattle"
+        assert answer.endswith(rows[qid]["pred"])
+    assert all(not c.startswith(("A. ", "B. ")) for r in rows.values() for c in r["choices"])  # cleaned for prompts

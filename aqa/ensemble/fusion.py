@@ -44,6 +44,7 @@ class Aligned:
     answers: np.ndarray
     logits: np.ndarray
     mask: np.ndarray
+    raw_choices: list[list[str] | None] | None = None  # the source's option strings, for the submission
 
     @property
     def has_answers(self) -> bool:
@@ -136,7 +137,7 @@ def align(members: dict[str, list[dict[str, Any]]], need_answers: bool = False) 
             logits[m, j, :n_opt] = by_id[name][i]["option_logits"]
     return Aligned(members=names, ids=ids, parts=[ref[i]["part"] for i in ids],
                    choices=[list(ref[i]["choices"]) for i in ids], answers=np.asarray(answers, dtype=np.int64),
-                   logits=logits, mask=mask)
+                   logits=logits, mask=mask, raw_choices=[ref[i].get("raw_choices") for i in ids])
 
 
 class TemperatureWeightedFusion(nn.Module):
@@ -260,6 +261,8 @@ def prediction_rows(data: Aligned, log_probs: np.ndarray, model: str = "ensemble
         rows.append({"id": qid, "part": data.parts[j], "choices": data.choices[j], "option_logits": scores,
                      "pred": data.choices[j][int(np.argmax(scores))],
                      "answer": data.choices[j][answer] if answer >= 0 else None, "model": model})
+        if data.raw_choices and data.raw_choices[j]:
+            rows[-1]["raw_choices"] = data.raw_choices[j]
     return rows
 
 

@@ -110,6 +110,15 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def submission_answer(row: dict[str, Any]) -> str:
+    """The answer as the official data writes it: the source's option string (``raw_choices``, e.g.
+    ``B. Humpback whale``) for the predicted option, else its text; empty when nothing was predicted."""
+    if row["pred"] is None:
+        return ""
+    raw = row.get("raw_choices")
+    return raw[row["choices"].index(row["pred"])] if raw else row["pred"]
+
+
 def write_submission(rows: Iterable[dict[str, Any]], path: str | Path) -> None:
     """DCASE submission CSV: header ``question,answer``, the verbatim option text per question id (empty for a
     generated answer that named no option: one row per question, scored wrong)."""
@@ -117,7 +126,7 @@ def write_submission(rows: Iterable[dict[str, Any]], path: str | Path) -> None:
         writer = csv.writer(fh)
         writer.writerow(["question", "answer"])
         for row in rows:
-            writer.writerow([row["id"], "" if row["pred"] is None else row["pred"]])
+            writer.writerow([row["id"], submission_answer(row)])
 
 
 def write_json(obj: Any, path: str | Path) -> None:

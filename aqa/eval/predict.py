@@ -136,6 +136,8 @@ def score_batch(backbone, records: list[Record], examples: list[Example], cfg: I
         meta = {k: rec.meta[k] for k in cfg.breakdown if rec.meta.get(k) is not None}
         if meta:
             row["meta"] = meta
+        if rec.meta.get("raw_choices"):  # the source's option strings: submission.csv writes these verbatim
+            row["raw_choices"] = rec.meta["raw_choices"]
     return rows
 
 

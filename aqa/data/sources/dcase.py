@@ -32,7 +32,7 @@ from aqa.data.convert import (
     read_json_file,
 )
 from aqa.data.manifest import SPLITS
-from aqa.data.sources.options import match_answer, option_texts, strip_letter_prefixes
+from aqa.data.sources.options import match_answer, option_texts, raw_choices_meta, strip_letter_prefixes
 from aqa.data.validate import RecordError
 
 PARTS = ("bqa", "tsqa", "cqa")
@@ -74,7 +74,7 @@ def dcase_record(item: Any, rid: str, part: str, split: str, audio: AudioIndex) 
         raise RecordError(f"field 'question' must be text, got {type(item['question']).__name__}")
     raw = option_texts(raw_choices)
     choices, _ = strip_letter_prefixes(raw)
-    meta = {}
+    meta: dict[str, Any] = raw_choices_meta(raw_choices, choices)  # the official strings, for the submission
     if item.get("question_type") is not None:
         meta["question_type"] = str(item["question_type"])
     return {

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from aqa.data.convert import AudioIndex, ConversionError, ManifestWriter, Summary, load_json_input
-from aqa.data.sources.options import match_answer, option_texts
+from aqa.data.sources.options import match_answer, option_texts, raw_choices_meta
 from aqa.data.validate import RecordError
 
 PART = "mmau"
@@ -47,6 +47,7 @@ def mmau_record(item: Any, split: str, audio: AudioIndex) -> dict[str, Any]:
         raise RecordError(f"field 'question' must be text, got {type(item['question']).__name__}")
     choices = option_texts(item["choices"], field="choices")
     meta: dict[str, Any] = {new: str(item[old]) for old, new in _META_KEYS.items() if item.get(old) is not None}
+    meta.update(raw_choices_meta(item["choices"], choices))
     category = normalise_category(item.get("category"))
     if category is not None:
         meta["category"] = category

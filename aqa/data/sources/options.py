@@ -81,3 +81,11 @@ def match_answer(answer: Any, raw_choices: list[str], choices: list[str]) -> str
     if len(folded) == 1:
         return folded[0]
     return text
+
+
+def raw_choices_meta(raw: Any, choices: list[str]) -> dict[str, list[str]]:
+    """``{"raw_choices": [...]}``: the source's option strings exactly as written, kept beside the cleaned
+    ``choices`` when the two differ (letter prefixes, spaces), so a submission can write the official text
+    verbatim. Empty when they are the same."""
+    verbatim = [str(c) for c in raw] if isinstance(raw, list) else []
+    return {"raw_choices": verbatim} if len(verbatim) == len(choices) and verbatim != choices else {}
