@@ -5,8 +5,8 @@
 ``audio_id`` (``./test-mini-audios/<id>.wav``) is found under ``--audio-root`` by path, else by file
 name; items without audio are quarantined. ``category`` lists are normalised; task, category,
 sub-category, difficulty and source data set go to ``meta``. Answers are known, so the default split
-is ``dev`` (inference then reports accuracy). Items with repeated option texts are quarantined (the
-manifest forbids duplicate choices). Writes ``OUT/<split>.jsonl`` (even when empty),
+is ``dev`` (inference then reports accuracy). Items with repeated option texts are kept in dev and eval
+(scored by text) and quarantined in train. Writes ``OUT/<split>.jsonl`` (even when empty),
 ``OUT/quarantine.jsonl`` and ``OUT/dataset.json``; exit status 2 when the file cannot be read or
 nothing is kept. Logic lives in ``aqa.data.sources.mmau``.
 """

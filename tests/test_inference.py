@@ -221,3 +221,44 @@ def test_submission_writes_the_official_option_strings_verbatim(tmp_path):
         assert answer in official[qid], (qid, answer, official[qid])  # verbatim, "B. rattle" and not "rattle"
         assert answer.endswith(rows[qid]["pred"])
     assert all(not c.startswith(("A. ", "B. ")) for r in rows.values() for c in r["choices"])  # cleaned for prompts
+
+
+@pytest.mark.parametrize("audio", ["silence", "noise"])
+def test_audio_floor_scores_the_same_questions_without_their_audio(data_dir, tmp_path, audio):
+    from aqa.eval.predict import replace_audio
+
+    wave = np.random.default_rng(0).standard_normal(16000).astype(np.float32)
+    other = replace_audio(wave, audio)
+    assert other.shape == wave.shape and not np.allclose(other, wave)
+    assert (other == 0).all() if audio == "silence" else np.array_equal(other, replace_audio(wave, audio))
+    model = write_tiny_dir(tmp_path)
+    real = run_inference(_cfg(model, data_dir, tmp_path / "real", cache_dir=str(tmp_path / "c")), "dev")
+    floor = run_inference(_cfg(model, data_dir, tmp_path / audio, cache_dir=str(tmp_path / "c"), audio=audio), "dev")
+    rows, real_rows = _rows(floor["predictions"]), _rows(real["predictions"])
+    assert [r["id"] for r in rows] == [r["id"] for r in real_rows]  # the same questions
+    assert all(r["audio"] == audio for r in rows) and floor["metrics"]["audio"] == audio
+    assert any(not np.allclose(a["option_logits"], b["option_logits"]) for a, b in zip(rows, real_rows))
+    assert len(list((tmp_path / "c").iterdir())) == 2  # its own cache folder: real features are never reused
+
+
+def test_audio_contribution_splits_training_questions_by_the_silent_pass(data_dir, tmp_path):
+    from aqa.data.audio_contribution import split_by_audio_contribution
+    from aqa.data.manifest import load_manifest
+    from aqa.errors import UserError
+    from data_prep.audio_contribution import main as contribution_main
+
+    model = write_tiny_dir(tmp_path)
+    silent = run_inference(_cfg(model, data_dir, tmp_path / "silent", audio="silence"), "dev")
+    rows = {r["id"]: r for r in _rows(silent["predictions"])}
+    out = tmp_path / "labels"
+    contribution_main(["--manifest", str(data_dir / "dev.jsonl"), "--predictions", silent["predictions"],
+                       "--out", str(out)])
+    weak, strong = load_manifest(out / "dev_weak.jsonl"), load_manifest(out / "dev_strong.jsonl")
+    assert {r.id for r in weak.records} == {i for i, r in rows.items() if r["pred"] == r["answer"]}
+    assert {r.id for r in strong.records} == {i for i, r in rows.items() if r["pred"] != r["answer"]}
+    assert len(weak.records) + len(strong.records) == 5
+    summary = json.loads((out / "dev_audio_contribution.json").read_text())
+    assert summary["weak"] == len(weak.records) and summary["audio"] == ["silence"]
+    heard = run_inference(_cfg(model, data_dir, tmp_path / "heard"), "dev")
+    with pytest.raises(UserError, match="audio=silence"):  # predictions that heard the audio are refused
+        split_by_audio_contribution(data_dir / "dev.jsonl", heard["predictions"], tmp_path / "x")

@@ -7,12 +7,14 @@ Outputs go to ``<output_dir>/<split>/``. A rerun skips ids already in ``predicti
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -30,7 +32,9 @@ METRICS = "metrics.json"
 SUBMISSION = "submission.csv"
 RUN_CONFIG = "infer_config.json"
 # Config keys that change what a prediction is: a resumed run must agree on them with the first run.
-SCORING_KEYS = ("backbone", "model_path", "adapter", "permutations", "mode", "max_new_tokens", "seed", "prompt")
+SCORING_KEYS = ("backbone", "model_path", "adapter", "permutations", "mode", "max_new_tokens", "seed", "prompt",
+                "audio")
+NOISE_RMS = 0.05  # the level of audio=noise (about -26 dBFS): audible, and the same for every clip
 UNPARSED_LOGIT = -1e4  # generate mode: the options a parsed answer did not name
 
 
@@ -53,6 +57,9 @@ class InferConfig:
     device: str = "auto"  # auto: cuda if available, else cpu; or a torch device string
     cache_dir: str | None = None  # feature cache dir; None computes features in memory
     limit: int | None = None  # score only the first N questions (smoke runs)
+    # real: the clips; silence / noise: each clip replaced by zeros / white noise of the same length, to measure
+    # how much a model needs the audio (predictions and metrics say which)
+    audio: Literal["real", "silence", "noise"] = "real"
     # metrics.json breaks accuracy down by these manifest meta keys (those a split has): DCASE's question_type,
     # MMAU's task, difficulty and sub_category, as MMAU publishes them
     breakdown: list[str] = field(default_factory=lambda: ["question_type", "task", "difficulty", "sub_category"])
@@ -98,20 +105,38 @@ def load_scoring_backbone(cfg: InferConfig):
     return backbone
 
 
+def replace_audio(wave: np.ndarray, mode: str) -> np.ndarray:
+    """``[S]`` -> the clip itself, zeros, or white noise of RMS ``NOISE_RMS``, all of the same length; the noise
+    is seeded by the clip's samples, so a rerun (or the cache) hears the same noise for the same clip."""
+    if mode == "real":
+        return wave
+    if mode == "silence":
+        return np.zeros_like(wave)
+    rng = np.random.default_rng(list(hashlib.sha256(wave.tobytes()).digest()[:8]))
+    return (NOISE_RMS * rng.standard_normal(wave.shape[0])).astype(wave.dtype)
+
+
 class FeatureSource:
     """Features per audio file, as :class:`~aqa.data.dataset.QADataset` asks for them (``get(path)``): from the
-    feature cache when configured, else computed once per file and kept."""
+    feature cache when configured, else computed once per file and kept. With ``audio`` other than ``real`` each
+    clip is replaced first (in a cache folder of its own: the settings say which audio was heard)."""
 
-    def __init__(self, backbone, manifest: Manifest, records: list[Record], cache_dir: str | None, progress: bool):
+    def __init__(self, backbone, manifest: Manifest, records: list[Record], cache_dir: str | None, progress: bool,
+                 audio: str = "real"):
         self.backbone = backbone
+        self.audio = audio
         self._memo: dict[Path, dict[str, Any]] = {}
         self.cache = None
         if cache_dir and records:
             from aqa.data.cache import FeatureCache
 
-            self.cache = FeatureCache(cache_dir, backbone.feature_settings())
+            settings = backbone.feature_settings()
+            self.cache = FeatureCache(cache_dir, settings if audio == "real" else {**settings, "audio": audio})
             paths = [manifest.audio_path(r) for r in records]
-            self.cache.ensure(paths, backbone.extract_features, progress=progress)
+            self.cache.ensure(paths, self._extract, progress=progress)
+
+    def _extract(self, wave: np.ndarray) -> dict[str, Any]:
+        return self.backbone.extract_features(replace_audio(wave, self.audio))
 
     def get(self, path: Path) -> dict[str, Any]:
         if self.cache is not None:
@@ -119,7 +144,7 @@ class FeatureSource:
         if path not in self._memo:
             from aqa.data.audio import load_audio
 
-            self._memo[path] = self.backbone.extract_features(load_audio(path))
+            self._memo[path] = self._extract(load_audio(path))
         return self._memo[path]
 
 
@@ -136,6 +161,8 @@ def score_batch(backbone, records: list[Record], examples: list[Example], cfg: I
         meta = {k: rec.meta[k] for k in cfg.breakdown if rec.meta.get(k) is not None}
         if meta:
             row["meta"] = meta
+        if cfg.audio != "real":
+            row["audio"] = cfg.audio  # scored without the clip's audio: an audio-dependence floor
         if rec.meta.get("raw_choices"):  # the source's option strings: submission.csv writes these verbatim
             row["raw_choices"] = rec.meta["raw_choices"]
     return rows
@@ -207,7 +234,8 @@ def check_same_run(out_dir: Path, cfg: InferConfig) -> None:
 def compute_metrics(rows: list[dict[str, Any]], cfg: InferConfig, split: str) -> dict[str, Any]:
     """metrics.json: per-part accuracy, arithmetic/weighted means, counts, chance; mean/strict with K > 1."""
     answered = [r for r in rows if r.get("answer") is not None]
-    metrics: dict[str, Any] = {"split": split, "mode": cfg.mode, "model": rows[0]["model"] if rows else None,
+    metrics: dict[str, Any] = {"split": split, "mode": cfg.mode, "audio": cfg.audio,
+                               "model": rows[0]["model"] if rows else None,
                                **accuracy_by_part(answered), "chance": chance_level(answered)}
     if cfg.mode == "logits" and cfg.permutations > 1:
         for r in answered:
@@ -260,7 +288,8 @@ def run_inference(cfg: InferConfig, split: str) -> dict[str, Any]:
         # the questions left, as the training dataset builds them (canonical order, no augmentation); a
         # backbone that reads no audio (empty feature settings: a text LLM over events) decodes no clip
         reads_audio = bool(backbone.feature_settings())
-        features = FeatureSource(backbone, manifest, pending, cfg.cache_dir, cfg.progress) if reads_audio else None
+        features = (FeatureSource(backbone, manifest, pending, cfg.cache_dir, cfg.progress, cfg.audio)
+                    if reads_audio else None)
         dataset = QADataset(Manifest(path=manifest.path, audio_root=manifest.audio_root, records=pending), features)
         with pred_path.open("a", encoding="utf-8") as fh, tqdm(
             total=len(pending), desc=f"{split} ({cfg.mode})", unit="q", disable=not cfg.progress
