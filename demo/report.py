@@ -1,8 +1,9 @@
 """The demo report: ``report.json`` (machine-readable) and ``report.md`` (a person's table).
 
 ``report.json`` holds a top-level ``members`` list; each member is
-``{"name", "backbone", "stage", "adapter", "predictions": {"dev", "eval"}, "metrics": {"dev": metrics.json},
-"chance": {"dev": float}}``, plus ``"ensemble"`` and ``"wall_s"`` once those stages have run.
+``{"name", "backbone", "stage", "adapter", "predictions": {"dev", "eval"}, "metrics": {"dev", "eval"},
+"chance": {"dev", "eval"}, "silent_audio": {"eval"}}`` (accuracies with a 95 % ``interval``), plus
+``"ensemble"``, ``"text_only_floor"`` and ``"wall_s"`` once those stages have run.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from aqa.eval.metrics import write_json
+from aqa.eval.metrics import wilson_interval, write_json
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
@@ -43,6 +44,37 @@ def accuracy_table(rows: list[tuple[str, dict[str, Any], float | None]]) -> str:
     return "\n".join(lines)
 
 
+def _interval(m: dict[str, Any] | None) -> str:
+    if not m or m.get("weighted_mean") is None:
+        return "–"
+    lo, hi = m.get("interval") or wilson_interval(m["weighted_mean"], m["n"])
+    return f"{_fmt(m['weighted_mean'])} [{_fmt(lo)}, {_fmt(hi)}]"
+
+
+def floors_table(report: dict[str, Any]) -> str:
+    """Markdown: per system, eval accuracy with its 95 % interval beside the chance level, the text-only floor
+    and the member's own silent-audio accuracy; dev for reference (the split the configs were tuned on, and
+    the one the ensemble is fitted on)."""
+    floor = (report.get("text_only_floor") or {}).get("eval")
+    head = ["system", "eval [95 % interval]", "silent audio (eval)", "text-only floor (eval)", "chance (eval)",
+            "dev [95 % interval]", "n eval"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in report.get("members", []):
+        ev = m.get("metrics", {}).get("eval")
+        silent = (m.get("silent_audio") or {}).get("eval")
+        lines.append("| " + " | ".join([
+            f"{m['name']} ({m['backbone']}, {m['stage']})", _interval(ev), _interval(silent), _interval(floor),
+            _fmt((m.get("chance") or {}).get("eval")), _interval(m.get("metrics", {}).get("dev")),
+            str(ev["n"]) if ev else "–"]) + " |")
+    ens = (report.get("ensemble") or {}).get("metrics") or {}
+    if ens.get("eval"):
+        lines.append("| " + " | ".join([
+            "**ensemble** (fitted on dev)", _interval(ens["eval"]), "–", _interval(floor),
+            _fmt(ens["eval"].get("chance")), _interval(ens.get("dev")) + " in-sample", str(ens["eval"].get("n", ""))])
+            + " |")
+    return "\n".join(lines)
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The whole report as Markdown: data summary, the dev table, ensemble weights, extra sections."""
     out = ["# Demo report", ""]
@@ -56,6 +88,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     if ens and ens.get("metrics", {}).get("dev"):
         chance = rows[0][2] if rows else None
         rows.append(("**ensemble**", ens["metrics"]["dev"], chance))
+    if any(m.get("metrics", {}).get("eval") for m in report.get("members", [])):
+        out += ["## Eval accuracy (%), with how much the audio matters", "",
+                "Held-out eval questions, 95 % Wilson intervals. *Silent audio*: the same model with every clip "
+                "silenced; *text-only floor*: the cascade's text LLM reading the question and options alone.", "",
+                floors_table(report), ""]
     if rows:
         out += ["## Dev accuracy (%)", "", accuracy_table(rows), ""]
     else:

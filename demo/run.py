@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aqa.data.summary import summarize
-from aqa.eval.metrics import chance_level, read_predictions
+from aqa.eval.metrics import accuracy_by_part, chance_level, read_predictions, wilson_interval
+from aqa.runtime.distributed import free_port
 from demo.report import load_report, save_report, upsert_member
 
 DEMO_CONFIGS = Path("configs/demo")
@@ -49,6 +50,9 @@ class Member:
     infer_config: str
     train: list[tuple[str, list[str]]] = field(default_factory=list)  # (title, command)
     infer_overrides: list[str] = field(default_factory=list)
+    # scored again on eval with every clip silenced (how much it needs the audio); off for a member that reads
+    # events, not audio (the cascade: its floor is the no-events pass)
+    audio_floor: bool = True
     # the member's own report section, built after the ensemble: (python, stage runner) -> section or None
     report_section: Callable[[str, Callable[[str, list[str]], None]], dict | None] | None = None
 
@@ -122,7 +126,7 @@ def build_members(py: str, ds: list[str]) -> list[Member]:
             train=cascade,
             infer_overrides=["adapter=runs/demo/cascade_grpo/adapter", "output_dir=runs/demo/cascade_grpo/infer",
                              "model_name=cascade_grpo"],
-            report_section=cascade_section,
+            report_section=cascade_section, audio_floor=False,
         ))
     return members
 
@@ -142,10 +146,11 @@ def cascade_section(py: str, stage) -> dict | None:
     if not cal_path.is_file() or not with_events.is_file():
         return None
     shutil.rmtree("runs/demo/cascade_grpo/infer_no_events", ignore_errors=True)
-    stage("cascade inference dev, no events", [
-        py, "inference/run.py", "--config", str(DEMO_CONFIGS / "cascade_infer.yaml"), "--split", "dev",
-        "adapter=runs/demo/cascade_grpo/adapter", "output_dir=runs/demo/cascade_grpo/infer_no_events",
-        "model_name=cascade_grpo_no_events", "prompt.events=false"])
+    for split in ("dev", "eval"):  # eval: the text-only floor of the report (question and options alone)
+        stage(f"cascade inference {split}, no events", [
+            py, "inference/run.py", "--config", str(DEMO_CONFIGS / "cascade_infer.yaml"), "--split", split,
+            "adapter=runs/demo/cascade_grpo/adapter", "output_dir=runs/demo/cascade_grpo/infer_no_events",
+            "model_name=cascade_grpo_no_events", "prompt.events=false"])
     cal = json.loads(cal_path.read_text(encoding="utf-8"))
     acc = {name: json.loads(Path(f"runs/demo/cascade_grpo/{d}/dev/metrics.json").read_text())["weighted_mean"]
            for name, d in (("with events", "infer"), ("without events", "infer_no_events"))}
@@ -157,8 +162,10 @@ def cascade_section(py: str, stage) -> dict | None:
         "", "| cascade on dev | weighted accuracy |", "|---|---|",
         *[f"| {k} | {100 * v:.1f} |" for k, v in acc.items()],
     ])
+    floor = scored(Path("runs/demo/cascade_grpo/infer_no_events/eval/predictions.jsonl"))
     return {"title": "Cascade: calibration and events", "body": body, "cllr": {
-        "before": cal["mean_cllr_before"], "after": cal["mean_cllr_after"]}, "dev_accuracy": acc}
+        "before": cal["mean_cllr_before"], "after": cal["mean_cllr_after"]}, "dev_accuracy": acc,
+        "text_only_floor": floor}
 
 
 def tiny_models(py: str, members: list[Member], seed: int) -> list[tuple[str, list[str]]]:
@@ -168,15 +175,31 @@ def tiny_models(py: str, members: list[Member], seed: int) -> list[tuple[str, li
             for b in backbones]
 
 
+def scored(path: Path) -> dict | None:
+    """Per-part accuracy of a predictions file with answers (the synthetic eval keeps them), with its 95 %
+    interval and chance level; None when the file is missing or has no answers."""
+    if not path.is_file():
+        return None
+    rows = [r for r in read_predictions(path) if r.get("answer") is not None]
+    if not rows:
+        return None
+    acc = accuracy_by_part(rows)
+    return {**acc, "interval": list(wilson_interval(acc["weighted_mean"], acc["n"])), "chance": chance_level(rows)}
+
+
 def member_entry(m: Member) -> dict:
-    """The member's ``report.json`` entry from the files its inference wrote."""
-    infer = Path(m.run_dir) / "infer"
-    dev_pred = infer / "dev" / "predictions.jsonl"
-    metrics = json.loads((infer / "dev" / "metrics.json").read_text(encoding="utf-8"))
+    """The member's ``report.json`` entry from the files its inference wrote: dev and eval accuracy with
+    95 % intervals, and the silent-audio accuracy on eval where it was measured."""
+    run = Path(m.run_dir)
+    dev_pred, eval_pred = run / "infer" / "dev" / "predictions.jsonl", run / "infer" / "eval" / "predictions.jsonl"
+    metrics = {"dev": scored(dev_pred), "eval": scored(eval_pred)}
+    silent = scored(run / "infer_silence" / "eval" / "predictions.jsonl") if m.audio_floor else None
     return {
-        "name": m.name, "backbone": m.backbone, "stage": m.stage, "adapter": str(Path(m.run_dir) / "adapter"),
-        "predictions": {"dev": str(dev_pred), "eval": str(infer / "eval" / "predictions.jsonl")},
-        "metrics": {"dev": metrics}, "chance": {"dev": chance_level(read_predictions(dev_pred))},
+        "name": m.name, "backbone": m.backbone, "stage": m.stage, "adapter": str(run / "adapter"),
+        "predictions": {"dev": str(dev_pred), "eval": str(eval_pred)},
+        "metrics": {k: v for k, v in metrics.items() if v is not None},
+        "chance": {k: v["chance"] for k, v in metrics.items() if v is not None},
+        **({"silent_audio": {"eval": silent}} if silent else {}),
     }
 
 
@@ -200,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
     py = sys.executable
-    ds = [str(Path(py).parent / "deepspeed"), "--num_gpus", str(args.num_ranks)]
+    # a free port rather than the launcher's 29500, which another job on the machine may hold
+    ds = [str(Path(py).parent / "deepspeed"), "--num_gpus", str(args.num_ranks), "--master_port", str(free_port())]
     members = build_members(py, ds)
     if args.only:
         members = [m for m in members if m.name in args.only]
@@ -228,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
             for split in ("dev", "eval"):
                 stage(f"{m.name} inference {split}", [py, "inference/run.py", "--config", m.infer_config,
                                                       "--split", split, *m.infer_overrides])
+            if m.audio_floor:  # the same eval questions, every clip silenced: how much the member needs audio
+                shutil.rmtree(Path(m.run_dir) / "infer_silence", ignore_errors=True)
+                stage(f"{m.name} inference eval, silent audio", [
+                    py, "inference/run.py", "--config", m.infer_config, "--split", "eval", *m.infer_overrides,
+                    "audio=silence", f"output_dir={m.run_dir}/infer_silence", f"model_name={m.name}_silence"])
             upsert_member(report, member_entry(m))
             save_report(report, out)
         # -- the learnable ensemble over every member's dev predictions, applied to eval: the members of
@@ -245,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         report["sections"] = [section] if section else []
         if section:
             report["cascade"] = {"cllr": section["cllr"], "dev_accuracy": section["dev_accuracy"]}
+            if section.get("text_only_floor"):
+                report["text_only_floor"] = {"eval": section["text_only_floor"]}
     except StageFailed as err:
         print(f"\ndemo failed: {err}", file=sys.stderr)
         return 1

@@ -296,3 +296,14 @@ def test_fused_submission_writes_the_members_official_option_strings(tmp_path):
     write_submission(rows, tmp_path / "s.csv")
     assert list(csv.reader((tmp_path / "s.csv").open())) == [["question", "answer"], ["q1", "B. Humpback whale"],
                                                             ["q2", "Orca"]]
+
+
+def test_wilson_interval_on_hand_worked_values():
+    from aqa.eval.metrics import wilson_interval
+
+    lo, hi = wilson_interval(0.5, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    lo, hi = wilson_interval(1.0, 10)  # never past 1, and not a zero-width claim
+    assert hi == 1.0 and lo == pytest.approx(0.7225, abs=1e-4)
+    lo, hi = wilson_interval(0.66, 150)  # the demo's dev size: about +-0.075
+    assert hi - lo == pytest.approx(0.150, abs=0.005)

@@ -87,3 +87,19 @@ def test_make_infer_scores_dev_with_the_default_config(demo_dir):
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 24  # the smoke demo's dev split
     assert json.loads((out / "metrics.json").read_text(encoding="utf-8"))["weighted_mean"] >= 0
     assert len((out / "submission.csv").read_text().splitlines()) == 25  # header + one row per question
+
+
+@pytest.mark.slow
+def test_demo_report_shows_eval_intervals_and_the_audio_floors(demo_dir):
+    report = json.loads((demo_dir / "runs/demo/report.json").read_text(encoding="utf-8"))
+    floor = report["text_only_floor"]["eval"]
+    assert floor["n"] == 24 and floor["interval"][0] <= floor["weighted_mean"] <= floor["interval"][1]
+    for m in report["members"]:
+        ev = m["metrics"]["eval"]
+        assert ev["n"] == 24 and ev["interval"][0] <= ev["weighted_mean"] <= ev["interval"][1]
+        assert 0 < m["chance"]["eval"] < 1
+        if m["name"] != "cascade_grpo":  # the cascade reads events; its floor is the text-only one
+            assert m["silent_audio"]["eval"]["n"] == 24
+    text = (demo_dir / "runs/demo/report.md").read_text(encoding="utf-8")
+    assert "## Eval accuracy (%), with how much the audio matters" in text
+    assert "| **ensemble** (fitted on dev) |" in text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -41,6 +42,17 @@ def accuracy_by_part(rows: Iterable[dict[str, Any]], correct_key: str | None = N
         "counts": dict(sorted(counts.items())),
         "n": total,
     }
+
+
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy over ``n`` questions (95 % for z = 1.96): unlike the normal
+    approximation it stays inside [0, 1] and is honest near 0 and 1 and for small n."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    denom = 1 + z * z / n
+    center = (accuracy + z * z / (2 * n)) / denom
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
 
 
 def chance_level(rows: Iterable[dict[str, Any]]) -> float:
