@@ -79,12 +79,14 @@ ensemble: $(STAMP)
 # GPUS defaults to the demo's 2 ranks: the default configs continue the demo's runs, and a checkpoint resumes
 # only with the number of ranks that saved it.
 GPUS   ?= 2
+# a free port unless given: the launcher's 29500 may be held by another job on the machine
+MASTER_PORT ?= $(shell $(PYTHON) -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 SPLIT  ?= dev
 sft: $(STAMP)
-	$(VENV)/bin/deepspeed --num_gpus $(GPUS) train/sft.py --config $(or $(CONFIG),configs/demo/qwen2_audio_sft.yaml) $(ARGS)
+	$(VENV)/bin/deepspeed --num_gpus $(GPUS) --master_port $(MASTER_PORT) train/sft.py --config $(or $(CONFIG),configs/demo/qwen2_audio_sft.yaml) $(ARGS)
 
 grpo: $(STAMP)
-	$(VENV)/bin/deepspeed --num_gpus $(GPUS) train/grpo.py --config $(or $(CONFIG),configs/demo/qwen2_audio_grpo.yaml) $(ARGS)
+	$(VENV)/bin/deepspeed --num_gpus $(GPUS) --master_port $(MASTER_PORT) train/grpo.py --config $(or $(CONFIG),configs/demo/qwen2_audio_grpo.yaml) $(ARGS)
 
 infer: $(STAMP)
 	$(PY) inference/run.py --config $(or $(CONFIG),configs/demo/qwen2_audio_infer.yaml) --split $(SPLIT) $(ARGS)
