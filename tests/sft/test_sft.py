@@ -30,8 +30,8 @@ from aqa.runtime.loaders import micro_batches, micro_batches_per_epoch, move_bat
 from aqa.runtime.nonfinite import NonFiniteLoss, check_loss, confirm_skipped
 from aqa.sft.config import load_sft_config
 from aqa.sft.step import sft_loss
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 ZERO2 = ROOT / "configs" / "deepspeed" / "zero2.json"
 
 

@@ -16,7 +16,7 @@ from aqa.eval.predict import InferConfig
 from aqa.grpo.config import load_grpo_config
 from aqa.runtime.logging import read_metrics
 from aqa.sft.config import load_sft_config
-from tests.recipe_utils import ROOT, deepspeed, python, synth_data
+from tests.recipes.launch import ROOT, deepspeed, python, synth_data
 
 SFT_CONFIG = "configs/demo/kimi_audio_sft.yaml"
 INFER_CONFIG = "configs/demo/kimi_audio_infer.yaml"

@@ -31,8 +31,8 @@ from aqa.ensemble.fusion import (
 )
 from aqa.ensemble.run import EnsembleConfig, FitConfig, MemberSpec, format_table, report_entry, run_ensemble
 from ensemble.fit import main as fit_main
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS, LR = 500, 0.05  # the values of configs/ensemble.yaml (checked below)
 
 

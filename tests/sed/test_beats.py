@@ -16,9 +16,9 @@ from aqa.sed.convert import main as convert_main
 from aqa.sed.labels import LabelMap, LabelMapError
 from aqa.sed.tiny import DEFAULT_CONFIG, build_tiny_beats, write_tiny_beats
 from aqa.sed.weights import SedCheckpointError, convert_official, load_sed_dir, read_official_checkpoint
+from tests.helpers import FIXTURES, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-PARAMS = ROOT / "tests" / "fixtures" / "beats_params.json"  # the official 252 names and shapes
+PARAMS = FIXTURES / "beats_params.json"  # the official 252 names and shapes
 BEATS_CONFIGS = ROOT / "configs" / "cascade" / "beats"
 
 

@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +13,7 @@ from aqa.backbones.lora import AdapterError, LoraConfig, apply_lora
 from aqa.data.example import Example
 from aqa.export import export_merged
 from aqa.tiny import TinyQwen2AudioSpec, write_tiny_qwen2_audio
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from aqa.runtime.distributed import free_port
 from aqa.runtime.logging import read_metrics
 from aqa.sed.weights import load_sed_dir
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/demo/cascade_sed.yaml"
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 STEPS = 4

@@ -13,8 +13,8 @@ from aqa.config import ConfigError, load_config
 from aqa.data.manifest import Record, write_dataset_info, write_jsonl
 from aqa.eval.predict import InferConfig, compute_metrics, run_inference
 from aqa.tiny import write_tiny_qwen2_audio
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PARTS = {"bqa": [0, 0, 1], "cqa": [0, 2]}  # answer index per question: the flat model gets index 0 right
 
 

@@ -21,8 +21,8 @@ from aqa.backbones.lora import LoraConfig, apply_lora
 from aqa.runtime.checkpoint import save_adapter
 from aqa.runtime.distributed import free_port
 from aqa.tiny import IM_END, build_tiny_qwen2_audio
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/demo/qwen2_audio_grpo.yaml"
 SFT_R = 4
 

@@ -15,9 +15,9 @@ from aqa.backbones.kimi_audio.text_tokenizer import KimiTextTokenizer, byte_pair
 from aqa.backbones.kimi_audio.tiny import write_tiny_kimi_audio
 from aqa.data.example import Example
 from aqa.data.prompts import PromptConfig
+from tests.helpers import FIXTURES
 
-REFERENCE = Path(__file__).resolve().parent / "fixtures"  # copies of the official listings
-EXAMPLE = REFERENCE / "kimi_audio_io_example.json"
+EXAMPLE = FIXTURES / "kimi_audio_io_example.json"
 
 # The example's inputs: question ids 1001..1003, GLM codes 5, 77, 16383, 0 (audio ids minus 152064),
 # answer ids 2001, 2002.
@@ -26,7 +26,7 @@ QUESTION, CODES, ANSWER = [1001, 1002, 1003], [5, 77, 16383, 0], [2001, 2002]
 
 @pytest.fixture(scope="module")
 def ids_7b():
-    return SpecialIds.from_config(load_kimi_config(REFERENCE / "kimi_audio_7b_instruct_config.json"))
+    return SpecialIds.from_config(load_kimi_config(FIXTURES / "kimi_audio_7b_instruct_config.json"))
 
 
 def test_inference_prompt_equals_the_official_example(ids_7b):

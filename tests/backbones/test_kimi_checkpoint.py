@@ -2,17 +2,16 @@
 GLM-4-Voice tokenizer's 247) and a tiny release directory, plus failing cases naming the tensors."""
 
 import json
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
 
 from aqa.backbones.kimi_audio.tiny import write_tiny_kimi_audio
 from aqa.check_checkpoint import CHECKERS, main, run_check
+from tests.helpers import FIXTURES
 
-REFERENCE = Path(__file__).resolve().parent / "fixtures"  # copies of the official listings
-CONFIG = REFERENCE / "kimi_audio_7b_instruct_config.json"
-PARAMS = REFERENCE / "kimi_audio_7b_params.json"
+CONFIG = FIXTURES / "kimi_audio_7b_instruct_config.json"
+PARAMS = FIXTURES / "kimi_audio_7b_params.json"
 
 
 def _run(capsys, config, index) -> tuple[int, str]:

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from aqa.runtime.distributed import free_port
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
 

@@ -29,8 +29,7 @@ from aqa.sed.train import (
     prepare_model,
     row_bce,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 def _data(root: Path, n=3):

@@ -23,10 +23,10 @@ from aqa.data.manifest import Record, write_dataset_info, write_jsonl
 from aqa.runtime.distributed import free_port
 from aqa.runtime.logging import read_metrics
 from aqa.tiny import IM_END, build_tiny_text_llm
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 SOUNDS = ["Dog bark", "Siren", "Rain", "Bell", "Engine hum"]
 

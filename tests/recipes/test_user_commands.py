@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from demo.run import build_members
-from tests.recipe_utils import ROOT, recipe_env
+from tests.recipes.launch import ROOT, recipe_env
 
 # what `make` needs from the repository; the outputs (data/, runs/) land in the temporary directory
 LINKED = ["Makefile", "pyproject.toml", "requirements.lock", "aqa", "configs", "data_prep", "train", "inference",

@@ -2,7 +2,6 @@
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,8 +21,7 @@ from aqa.sed.calibration import (
 from aqa.sed.labels import LabelMap
 from aqa.sed.strong import segment_targets
 from aqa.sed.tiny import write_tiny_beats
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 def test_cllr_of_lr_one_everywhere_is_one():

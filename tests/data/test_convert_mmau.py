@@ -10,9 +10,10 @@ import soundfile as sf
 from aqa.data.manifest import load_manifest, read_jsonl
 from aqa.data.sources.mmau import normalise_category
 from data_prep.mmau import main
+from tests.helpers import FIXTURES
 
 # The official file (Sakshi113/MMAU, 1000 items), stored unchanged so the test needs no download.
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "mmau-test-mini.json"
+FIXTURE = FIXTURES / "mmau-test-mini.json"
 
 
 def has_duplicate_choices(item) -> bool:

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 
 from aqa.runtime.distributed import free_port
 from aqa.runtime.logging import read_metrics
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/demo/qwen2_audio_sft.yaml"
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 STEPS = 4  # 2k, with k = 2: 4 optimizer steps of 8 questions cross the 24-question epoch once
