@@ -3,7 +3,6 @@
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -12,15 +11,14 @@ from aqa.backbones import get_backbone
 from aqa.backbones.lora import AdapterError, LoraConfig, apply_lora
 from aqa.data.example import Example
 from aqa.export import export_merged
-from aqa.tiny import TinyQwen2AudioSpec, write_tiny_qwen2_audio
-from tests.helpers import ROOT
+from tests.helpers import ROOT, noise
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tiny):
     """A tiny base and an adapter whose LoRA B matrices are non-zero (so merging changes the weights)."""
     root = tmp_path_factory.mktemp("export")
-    base = write_tiny_qwen2_audio(root / "base", seed=3)
+    base = tiny.shared("qwen2_audio", seed=3)
     bb = get_backbone("qwen2_audio").from_pretrained(base)
     apply_lora(bb, LoraConfig(r=4, dropout=0.0))
     torch.manual_seed(0)
@@ -28,7 +26,7 @@ def trained(tmp_path_factory):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.5)
     bb.model.save_pretrained(root / "adapter")
-    wave = (np.random.default_rng(0).standard_normal(24000) * 0.1).astype(np.float32)
+    wave = noise(1.5, 0)  # 24,000 samples
     examples = [Example(id="q", question="Which sound?", choices=["rain", "bell", "siren"], answer_index=2,
                         features=bb.extract_features(wave))]
     return root, base, bb, examples
@@ -51,7 +49,7 @@ def test_merged_model_loads_with_plain_transformers_and_matches(trained):
     torch.testing.assert_close(merged, with_adapter, atol=1e-5, rtol=1e-4)
 
 
-def test_export_cli_and_errors(trained, tmp_path):
+def test_export_cli_and_errors(trained, tmp_path, tiny):
     root, base, _, _ = trained
     cmd = [sys.executable, "-m", "aqa.export", "--adapter", str(root / "adapter"), "--out", str(tmp_path / "m"),
            "--base", str(base)]
@@ -62,7 +60,7 @@ def test_export_cli_and_errors(trained, tmp_path):
 
     with pytest.raises(AdapterError, match="adapter_config.json"):
         export_merged(tmp_path, tmp_path / "x")
-    other = write_tiny_qwen2_audio(tmp_path / "other", spec=TinyQwen2AudioSpec(intermediate_size=96))
+    other = tiny.shared("qwen2_audio", intermediate_size=96)
     with pytest.raises(AdapterError, match="another base"):
         export_merged(root / "adapter", tmp_path / "y", base=other)
     assert not (tmp_path / "y").exists()  # nothing half-written

@@ -6,7 +6,6 @@ import json
 import pytest
 from safetensors.torch import load_file, save_file
 
-from aqa.backbones.kimi_audio.tiny import write_tiny_kimi_audio
 from aqa.check_checkpoint import CHECKERS, main, run_check
 from tests.helpers import FIXTURES
 
@@ -67,13 +66,8 @@ def test_a_config_that_does_not_fit_fails(capsys, tmp_path):
     assert "UNEXPECTED model.layers.27.self_attn.q_proj.weight" in out
 
 
-@pytest.fixture(scope="module")
-def tiny_release(tmp_path_factory):
-    return write_tiny_kimi_audio(tmp_path_factory.mktemp("kimi") / "release", seed=0)
-
-
-def test_a_tiny_release_directory_passes_from_its_own_index(tiny_release):
-    ok, lines = run_check("kimi_audio", tiny_release / "config.json", tiny_release / "model.safetensors.index.json")
+def test_a_tiny_kimi_audio_directory_passes_from_its_own_index(tiny_kimi_audio):
+    ok, lines = run_check("kimi_audio", tiny_kimi_audio / "config.json", tiny_kimi_audio / "model.safetensors.index.json")
     assert ok, lines
     assert lines[0].startswith("kimi_audio language model: matched 83/83 (6 rotary_emb.inv_freq")
     assert lines[1].startswith("whisper-large-v3 encoder: matched")
@@ -81,10 +75,10 @@ def test_a_tiny_release_directory_passes_from_its_own_index(tiny_release):
     assert lines[2].startswith("glm-4-voice-tokenizer: matched 37/37 (2 EMA")
 
 
-def test_a_release_with_a_changed_shard_fails(tiny_release, tmp_path):
+def test_a_release_with_a_changed_shard_fails(tiny_kimi_audio, tmp_path):
     import shutil
 
-    copy = shutil.copytree(tiny_release, tmp_path / "copy")
+    copy = shutil.copytree(tiny_kimi_audio, tmp_path / "copy")
     index = json.loads((copy / "model.safetensors.index.json").read_text())
     shard = copy / index["weight_map"]["mimo_output.weight"]
     tensors = load_file(str(shard))

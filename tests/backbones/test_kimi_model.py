@@ -16,30 +16,20 @@ from aqa.backbones.kimi_audio.audio_lm import load_kimi_audio
 from aqa.backbones.kimi_audio.backbone import unwrap
 from aqa.backbones.kimi_audio.decoder_view import TextStreamView
 from aqa.backbones.kimi_audio.glm_tokenizer import GlmSpeechTokenizer
-from aqa.backbones.kimi_audio.tiny import write_tiny_kimi_audio
 from aqa.backbones.kimi_audio.weights import CheckpointError
 from aqa.backbones.lora import LoraConfig, apply_lora
-from aqa.data.example import Example
+from tests.helpers import assert_seeded, audio_example, noise, write_wave
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory):
-    return write_tiny_kimi_audio(tmp_path_factory.mktemp("kimi") / "release", seed=0)
-
-
-@pytest.fixture(scope="module")
-def backbone(release):
-    return get_backbone("kimi_audio").from_pretrained(release)
-
-
-def _wave(seconds, seed=0, scale=0.1):
-    return (np.random.default_rng(seed).standard_normal(int(16000 * seconds)) * scale).astype(np.float32)
+def backbone(tiny_kimi_audio):
+    return get_backbone("kimi_audio").from_pretrained(tiny_kimi_audio)
 
 
 def _examples(bb, n=2):
     choices = ["dog bark", "siren", "rain", "bell"]
-    return [Example(id=f"q{i}", question="Which sound is heard first?", choices=choices[: 2 + i],
-                    answer_index=i % 2, features=bb.extract_features(_wave(1.5 + 3 * i, seed=i))) for i in range(n)]
+    return [audio_example(bb, i, noise(1.5 + 3 * i, i), choices[: 2 + i], i % 2, "Which sound is heard first?")
+            for i in range(n)]
 
 
 def test_text_logits_do_not_depend_on_the_mimo_branch(backbone):
@@ -67,16 +57,16 @@ def test_text_logits_do_not_depend_on_the_mimo_branch(backbone):
     assert not torch.allclose(both.audio_logits, changed.audio_logits)
 
 
-def test_release_layout_round_trips(release, tmp_path):
-    index = json.loads((release / "model.safetensors.index.json").read_text())
+def test_release_layout_round_trips(tiny_kimi_audio, tiny, tmp_path):
+    index = json.loads((tiny_kimi_audio / "model.safetensors.index.json").read_text())
     assert sorted(set(index["weight_map"].values())) == [f"model-{i}-of-3.safetensors" for i in (1, 2, 3)]
     assert sum(n.endswith("rotary_emb.inv_freq") for n in index["weight_map"]) == 6  # 4 trunk + 2 MIMO layers
-    model = load_kimi_audio(release)
+    model = load_kimi_audio(tiny_kimi_audio)
     state = model.lm.state_dict()
     assert len(state) == 83 and not any("inv_freq" in n for n in state)
     stored = {}
     for shard in set(index["weight_map"].values()):
-        stored.update(load_file(str(release / shard)))
+        stored.update(load_file(str(tiny_kimi_audio / shard)))
     assert all(torch.equal(state[n], stored[n]) for n in state)
     # save as the release lays it out, load again: same tensors, same outputs
     model.save_pretrained(tmp_path / "again", num_shards=2)
@@ -86,15 +76,12 @@ def test_release_layout_round_trips(release, tmp_path):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     # same seed, same weights; another seed, other weights
-    same = load_file(str(write_tiny_kimi_audio(tmp_path / "s0", seed=0) / "model-3-of-3.safetensors"))
-    other = load_file(str(write_tiny_kimi_audio(tmp_path / "s1", seed=1) / "model-3-of-3.safetensors"))
-    mine = load_file(str(release / "model-3-of-3.safetensors"))
-    assert all(torch.equal(mine[k], same[k]) for k in mine)
-    assert not all(torch.equal(mine[k], other[k]) for k in mine if k in other)
+    assert_seeded(tiny_kimi_audio, tiny.write("kimi_audio", tmp_path / "s0", seed=0),
+                  tiny.write("kimi_audio", tmp_path / "s1", seed=1), file="model-3-of-3.safetensors")
 
 
-def test_loading_refuses_a_rope_theta_that_disagrees_with_the_stored_inv_freq(release, tmp_path):
-    copy = shutil.copytree(release, tmp_path / "copy")
+def test_loading_refuses_a_rope_theta_that_disagrees_with_the_stored_inv_freq(tiny_kimi_audio, tmp_path):
+    copy = shutil.copytree(tiny_kimi_audio, tmp_path / "copy")
     raw = json.loads((copy / "config.json").read_text())
     raw["rope_parameters"]["rope_theta"] = 1e6
     (copy / "config.json").write_text(json.dumps(raw))
@@ -102,8 +89,8 @@ def test_loading_refuses_a_rope_theta_that_disagrees_with_the_stored_inv_freq(re
         load_kimi_audio(copy)
 
 
-def test_loading_names_missing_tensors(release, tmp_path):
-    copy = shutil.copytree(release, tmp_path / "copy")
+def test_loading_names_missing_tensors(tiny_kimi_audio, tmp_path):
+    copy = shutil.copytree(tiny_kimi_audio, tmp_path / "copy")
     index = json.loads((copy / "model.safetensors.index.json").read_text())
     shard = copy / index["weight_map"]["model.norm.weight"]
     tensors = load_file(str(shard))
@@ -131,9 +118,9 @@ def test_whisper_features_are_fused_at_continuous_positions(backbone):
         lm.model.embed(audio, text, cont, feats[:1])
 
 
-def test_glm_tokens_are_deterministic_block_causal_and_12_5_hz(release):
-    glm = GlmSpeechTokenizer.from_pretrained(release / "glm-4-voice-tokenizer")
-    loud, quiet = _wave(2.0, seed=1, scale=1.0), _wave(3.0, seed=2, scale=0.01)
+def test_glm_tokens_are_deterministic_block_causal_and_12_5_hz(tiny_kimi_audio):
+    glm = GlmSpeechTokenizer.from_pretrained(tiny_kimi_audio / "glm-4-voice-tokenizer")
+    loud, quiet = noise(2.0, 1, scale=1.0), noise(3.0, 2, scale=0.01)
     wave = np.concatenate([loud, quiet])
     codes = glm.tokenize(wave)
     # 5 s in 4 s windows: ceil(64000 / 1280) + ceil(16000 / 1280)
@@ -141,7 +128,7 @@ def test_glm_tokens_are_deterministic_block_causal_and_12_5_hz(release):
     assert np.array_equal(codes, glm.tokenize(wave))
     assert codes.min() >= 0 and codes.max() < glm.config.quantize_vocab_size
     # other audio after 3 s leaves the tokens of the first two 1 s attention blocks unchanged
-    other = np.concatenate([loud, quiet[:16000], _wave(2.0, seed=3, scale=0.01)])
+    other = np.concatenate([loud, quiet[:16000], noise(2.0, 3, scale=0.01)])
     changed = glm.tokenize(other)
     assert np.array_equal(changed[:24], codes[:24])
     assert not np.array_equal(changed, codes)
@@ -165,8 +152,8 @@ def test_lora_targets_only_the_trunk_linear_layers(backbone):
         backbone.lora_target_modules(names=["fc1"])
 
 
-def test_lora_sft_step_trains_only_lora_and_scores_in_canonical_order(release):
-    bb = get_backbone("kimi_audio").from_pretrained(release)
+def test_lora_sft_step_trains_only_lora_and_scores_in_canonical_order(tiny_kimi_audio):
+    bb = get_backbone("kimi_audio").from_pretrained(tiny_kimi_audio)
     peft_model = apply_lora(bb, LoraConfig(r=4, alpha=8, dropout=0.0))
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n and ".lm.model.layers." in n for n in trainable)
@@ -202,16 +189,13 @@ def test_generation_through_the_text_stream(backbone):
 
 
 def test_features_go_through_the_feature_cache(backbone, tmp_path):
-    import soundfile as sf
-
     from aqa.data.cache import FeatureCache, settings_hash
 
-    path = tmp_path / "clip.wav"
-    sf.write(path, _wave(4.5, seed=4), 16000, subtype="FLOAT")
+    path = write_wave(tmp_path / "clip.wav", noise(4.5, 4), subtype="FLOAT")
     cache = FeatureCache(tmp_path / "cache", backbone.feature_settings())
     cache.ensure([path], backbone.extract_features, progress=False)
     cached = cache.get(path)
-    direct = backbone.extract_features(_wave(4.5, seed=4))
+    direct = backbone.extract_features(noise(4.5, 4))
     assert cached.keys() == direct.keys() == {"whisper_mel", "window_samples", "semantic_tokens"}
     assert all(np.array_equal(cached[k], direct[k]) for k in direct)
     # another speech tokenizer (other codebook) gets another cache directory

@@ -4,7 +4,6 @@ tokenizer (tiktoken format), and the SFT collate on a tiny release."""
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,10 +11,8 @@ from aqa.backbones import get_backbone
 from aqa.backbones.kimi_audio.config import load_kimi_config
 from aqa.backbones.kimi_audio.processor import SpecialIds, inference_prompt, training_sample
 from aqa.backbones.kimi_audio.text_tokenizer import KimiTextTokenizer, byte_pair_merge, train_byte_bpe
-from aqa.backbones.kimi_audio.tiny import write_tiny_kimi_audio
-from aqa.data.example import Example
 from aqa.data.prompts import PromptConfig
-from tests.helpers import FIXTURES
+from tests.helpers import FIXTURES, audio_example, noise
 
 EXAMPLE = FIXTURES / "kimi_audio_io_example.json"
 
@@ -88,14 +85,13 @@ def test_text_tokenizer_round_trips_through_its_files(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-    return get_backbone("kimi_audio").from_pretrained(write_tiny_kimi_audio(tmp_path_factory.mktemp("kimi") / "r"))
+def backbone(tiny_kimi_audio):
+    return get_backbone("kimi_audio").from_pretrained(tiny_kimi_audio)
 
 
 def _example(bb, seconds, answer, seed=0):
-    wave = (np.random.default_rng(seed).standard_normal(int(16000 * seconds)) * 0.1).astype(np.float32)
-    return Example(id=f"q{seed}", question="Which sound is heard first?", choices=["dog bark", "siren", "rain"],
-                   answer_index=answer, features=bb.extract_features(wave))
+    return audio_example(bb, seed, noise(seconds, seed), ["dog bark", "siren", "rain"], answer,
+                         "Which sound is heard first?")
 
 
 def test_collate_trains_only_the_answer_and_text_eos(backbone):

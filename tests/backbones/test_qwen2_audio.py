@@ -5,46 +5,31 @@ import re
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from aqa.backbones import get_backbone
 from aqa.backbones.lora import AdapterError, LoraConfig, apply_lora, load_adapter, merge_lora
 from aqa.data.example import Example
 from aqa.data.prompts import PromptConfig
-from aqa.tiny import SPECIAL_TOKENS, TinyQwen2AudioSpec, write_tiny_qwen2_audio
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return write_tiny_qwen2_audio(tmp_path_factory.mktemp("tiny") / "qwen2_audio", seed=0)
+from aqa.tiny import SPECIAL_TOKENS
+from tests.helpers import assert_seeded, audio_example, load_plainly, noise
 
 
 @pytest.fixture()
-def backbone(tiny_dir):
-    return get_backbone("qwen2_audio").from_pretrained(tiny_dir)
-
-
-def _wave(seconds: float, seed: int = 0) -> np.ndarray:
-    return (np.random.default_rng(seed).standard_normal(int(16000 * seconds)) * 0.1).astype(np.float32)
+def backbone(tiny_qwen2_audio):
+    return get_backbone("qwen2_audio").from_pretrained(tiny_qwen2_audio)
 
 
 def _examples(bb, n=3):
     choices = ["dog bark", "siren", "rain", "bell"]
-    return [
-        Example(id=f"q{i}", question="What is the first sound?", choices=choices[: 4 - i % 3],
-                answer_index=1, features=bb.extract_features(_wave(1.0 + i, seed=i)))
-        for i in range(n)
-    ]
+    return [audio_example(bb, i, noise(1.0 + i, i), choices[: 4 - i % 3], 1) for i in range(n)]
 
 
-def test_tiny_writes_a_normal_hf_dir_that_loads_with_plain_transformers(tiny_dir, tmp_path):
+def test_tiny_writes_a_normal_hf_dir_that_loads_with_plain_transformers(tiny_qwen2_audio, tiny, tmp_path):
     from transformers import Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
 
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "preprocessor_config.json", "generation_config.json"):
-        assert (tiny_dir / name).is_file(), name
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(tiny_dir)
-    proc = Qwen2AudioProcessor.from_pretrained(tiny_dir)
+    files = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+             "preprocessor_config.json", "generation_config.json")
+    model, proc = load_plainly(tiny_qwen2_audio, files, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor)
     ids = proc.tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)
     assert ids == list(range(ids[0], ids[0] + len(SPECIAL_TOKENS)))  # real relative order, right after BPE
     assert model.config.audio_token_index == proc.tokenizer.convert_tokens_to_ids("<|AUDIO|>")
@@ -56,15 +41,12 @@ def test_tiny_writes_a_normal_hf_dir_that_loads_with_plain_transformers(tiny_dir
     assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                     "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\nQ?<|im_end|>\n<|im_start|>assistant\n")
     # same seed -> same weights; another seed -> different weights
-    again = load_file(write_tiny_qwen2_audio(tmp_path / "a", seed=0) / "model.safetensors")
-    other = load_file(write_tiny_qwen2_audio(tmp_path / "b", seed=1) / "model.safetensors")
-    first = load_file(tiny_dir / "model.safetensors")
-    assert all(torch.equal(first[k], again[k]) for k in first)
-    assert not all(torch.equal(first[k], other[k]) for k in first)
+    assert_seeded(tiny_qwen2_audio, tiny.write("qwen2_audio", tmp_path / "a", seed=0),
+                  tiny.shared("qwen2_audio", seed=1))
 
 
 def test_features_and_prompt_ids_equal_the_processor(backbone):
-    wave = _wave(2.3)
+    wave = noise(2.3)
     ex = Example(id="q", question="Which?", choices=["a cat", "a dog"], answer_index=0,
                  features=backbone.extract_features(wave))
     assert backbone.spec_augment_key == "input_features"
@@ -110,9 +92,9 @@ def _lora_modules(model):
     return [n for n, m in model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)]
 
 
-def test_lora_targets_hit_only_the_language_model_unless_asked(tiny_dir):
+def test_lora_targets_hit_only_the_language_model_unless_asked(tiny_qwen2_audio):
     cls = get_backbone("qwen2_audio")
-    bb = cls.from_pretrained(tiny_dir)
+    bb = cls.from_pretrained(tiny_qwen2_audio)
     apply_lora(bb, LoraConfig(r=2))
     hit = _lora_modules(bb.model)
     assert len(hit) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
@@ -120,23 +102,23 @@ def test_lora_targets_hit_only_the_language_model_unless_asked(tiny_dir):
     trainable = [n for n, p in bb.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
 
-    bb = cls.from_pretrained(tiny_dir)
+    bb = cls.from_pretrained(tiny_qwen2_audio)
     apply_lora(bb, LoraConfig(r=2, targets=["q_proj", "v_proj"]))
     assert sorted({n.rsplit(".", 1)[1] for n in _lora_modules(bb.model)}) == ["q_proj", "v_proj"]
     assert all(".language_model." in n for n in _lora_modules(bb.model))  # not the encoder's q/v_proj
 
-    bb = cls.from_pretrained(tiny_dir)
+    bb = cls.from_pretrained(tiny_qwen2_audio)
     apply_lora(bb, LoraConfig(r=2, include_audio=True))
     hit = _lora_modules(bb.model)
     assert any(".audio_tower." in n for n in hit) and any("multi_modal_projector" in n for n in hit)
 
     with pytest.raises(ValueError, match="match no linear layer"):
-        cls.from_pretrained(tiny_dir).lora_target_modules(names=["no_such_proj"])
+        cls.from_pretrained(tiny_qwen2_audio).lora_target_modules(names=["no_such_proj"])
 
 
-def test_adapter_round_trip_merge_and_wrong_base(tiny_dir, tmp_path):
+def test_adapter_round_trip_merge_and_wrong_base(tiny_qwen2_audio, tiny, tmp_path):
     cls = get_backbone("qwen2_audio")
-    bb = cls.from_pretrained(tiny_dir)
+    bb = cls.from_pretrained(tiny_qwen2_audio)
     apply_lora(bb, LoraConfig(r=4, dropout=0.0))
     for name, p in bb.model.named_parameters():
         if "lora_B" in name:  # B starts at zero; make the adapter change the outputs
@@ -145,7 +127,7 @@ def test_adapter_round_trip_merge_and_wrong_base(tiny_dir, tmp_path):
     examples = _examples(bb, 2)
     trained = bb.option_logits(bb.model, examples)
 
-    fresh = cls.from_pretrained(tiny_dir)
+    fresh = cls.from_pretrained(tiny_qwen2_audio)
     base = fresh.option_logits(fresh.model, examples)
     load_adapter(fresh, tmp_path / "adapter")
     loaded = fresh.option_logits(fresh.model, examples)
@@ -157,11 +139,11 @@ def test_adapter_round_trip_merge_and_wrong_base(tiny_dir, tmp_path):
     for a, b in zip(trained, fresh.option_logits(fresh.model, examples)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
-    other_dir = write_tiny_qwen2_audio(tmp_path / "other", spec=TinyQwen2AudioSpec(hidden_size=32))
+    other_dir = tiny.shared("qwen2_audio", hidden_size=32)
     with pytest.raises(AdapterError, match="trained on another base"):
         load_adapter(cls.from_pretrained(other_dir), tmp_path / "adapter")
     with pytest.raises(AdapterError, match="not a PEFT adapter"):
-        load_adapter(cls.from_pretrained(tiny_dir), tmp_path)
+        load_adapter(cls.from_pretrained(tiny_qwen2_audio), tmp_path)
 
 
 def test_missing_or_foreign_model_dir_errors(tmp_path):

@@ -19,17 +19,12 @@ from aqa.eval.orders import (
     order_predictions,
     to_canonical,
 )
-from aqa.tiny import write_tiny_qwen2_audio
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return write_tiny_qwen2_audio(tmp_path_factory.mktemp("tiny") / "m", seed=1)
+from tests.helpers import audio_example, noise
 
 
 @pytest.fixture()
-def backbone(tiny_dir):
-    return get_backbone("qwen2_audio").from_pretrained(tiny_dir)
+def backbone(tiny):
+    return get_backbone("qwen2_audio").from_pretrained(tiny.shared("qwen2_audio", seed=1))
 
 
 def _examples(bb):
@@ -37,9 +32,7 @@ def _examples(bb):
     specs = [("Which animal calls?", ["dog", "cat", "cow", "owl"], 2.0),
              ("How many calls?", ["1", "2", "3"], 3.5),
              ("Is there rain in the recording at all?", ["Yes", "No"], 1.2)]
-    return [Example(id=f"q{i}", question=q, choices=c, answer_index=0,
-                    features=bb.extract_features((rng.standard_normal(int(16000 * s)) * 0.1).astype(np.float32)))
-            for i, (q, c, s) in enumerate(specs)]
+    return [audio_example(bb, i, noise(s, rng), c, 0, q) for i, (q, c, s) in enumerate(specs)]
 
 
 def test_gather_reads_the_given_position_and_letter_ids():
@@ -82,7 +75,7 @@ def test_option_logits_come_from_the_set_letter_logits_in_canonical_order(backbo
 
 def test_option_logits_are_the_next_token_logits_after_the_assistant_start(backbone):
     """Same numbers as a plain forward over the processor's own inputs, read at the last position."""
-    wave = (np.random.default_rng(5).standard_normal(40000) * 0.1).astype(np.float32)
+    wave = noise(2.5, 5)  # 40,000 samples
     ex = Example(id="q", question="How many calls?", choices=["1", "2", "3"], answer_index=0,
                  features=backbone.extract_features(wave))
     inputs = backbone.processor(text=backbone._chat_prefix(ex, ex.choices), audio=wave, return_tensors="pt")

@@ -4,7 +4,6 @@ A tiny text Qwen2ForCausalLM and a tiny Qwen2-Audio with LoRA are built in-proce
 checks run in float64 so 1e-5 is a statement about the algorithm, not about rounding.
 """
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,9 +12,9 @@ from aqa.backbones import shared_prefix as sp
 from aqa.backbones.base import SamplingConfig
 from aqa.backbones.lora import LoraConfig, apply_lora
 from aqa.backbones.qwen2_audio import Qwen2AudioBackbone, unwrap
-from aqa.data.example import Example
 from aqa.rl.loss import grpo_loss
 from aqa.tiny import AUDIO, AUDIO_BOS, AUDIO_EOS, IM_START, TinyQwen2AudioSpec, build_tiny_qwen2_audio
+from tests.helpers import audio_example, noise
 
 EOS, PAD = 2, 0
 RULES = sp.TokenRules(eos_ids=[EOS], pad_id=PAD, suppress_ids=[0, 1, 3])
@@ -119,12 +118,8 @@ def _audio_backbone(dtype=torch.float64):
 
 
 def _audio_examples(bb, n=2):
-    def wave(seconds, seed):
-        return (np.random.default_rng(seed).standard_normal(int(16000 * seconds)) * 0.1).astype(np.float32)
-
     choices = ["dog bark", "siren", "rain", "bell"]
-    return [Example(id=f"q{i}", question="What is the first sound?", choices=choices[: 4 - i % 2], answer_index=1,
-                    features=bb.extract_features(wave(1.0 + i, i))) for i in range(n)]
+    return [audio_example(bb, i, noise(1.0 + i, i), choices[: 4 - i % 2], 1) for i in range(n)]
 
 
 def test_audio_grpo_loss_and_grads_equal_naive_r1aqa_layout():

@@ -8,7 +8,6 @@ import re
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from aqa.backbones import get_backbone
 from aqa.backbones.chat_lm import IGNORE_INDEX
@@ -20,8 +19,8 @@ from aqa.tiny import (
     QWEN25_DEFAULT_SYSTEM,
     QWEN25_SPECIAL_TOKENS,
     TinyQwen2TextSpec,
-    write_tiny_text_llm,
 )
+from tests.helpers import assert_seeded, load_plainly, record, write_manifest
 
 EVENTS = [  # out of onset order on purpose
     {"label": "Siren", "onset": 1.25, "offset": 2.0, "score": 0.8},
@@ -30,14 +29,9 @@ EVENTS = [  # out of onset order on purpose
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return write_tiny_text_llm(tmp_path_factory.mktemp("tiny") / "text_llm", seed=0)
-
-
 @pytest.fixture()
-def backbone(tiny_dir):
-    return get_backbone("text_llm").from_pretrained(tiny_dir)
+def backbone(tiny_text_llm):
+    return get_backbone("text_llm").from_pretrained(tiny_text_llm)
 
 
 def _example(i=0, events=EVENTS, answer=1):
@@ -82,8 +76,8 @@ def test_the_prompt_holds_events_before_the_question(backbone):
     assert "No sound events were detected.\n\nWhat is heard first?" in empty
 
 
-def test_no_events_switch_leaves_question_and_options_alone(tiny_dir):
-    bb = get_backbone("text_llm").from_pretrained(tiny_dir, prompt=PromptConfig(events=False))
+def test_no_events_switch_leaves_question_and_options_alone(tiny_text_llm):
+    bb = get_backbone("text_llm").from_pretrained(tiny_text_llm, prompt=PromptConfig(events=False))
     for ex in (_example(), _example(events=None)):  # events present or absent: never rendered
         text = bb._chat_prefix(ex, ["Dog bark", "Siren"])
         assert "Sound events" not in text and "Dog bark (0.93)" not in text
@@ -95,20 +89,18 @@ def test_missing_events_name_the_fix(backbone):
         backbone.collate([_example(events=None)])
 
 
-def test_bad_event_format_fails_at_load(tiny_dir):
+def test_bad_event_format_fails_at_load(tiny_text_llm):
     with pytest.raises(ValueError, match="event_format"):
-        get_backbone("text_llm").from_pretrained(tiny_dir, prompt=PromptConfig(event_format="{when}"))
+        get_backbone("text_llm").from_pretrained(tiny_text_llm, prompt=PromptConfig(event_format="{when}"))
 
 
 # -- the tiny model -----------------------------------------------------------------------------------------
-def test_tiny_writes_a_normal_hf_dir_that_loads_with_plain_transformers(tiny_dir, tmp_path):
+def test_tiny_writes_a_normal_hf_dir_that_loads_with_plain_transformers(tiny_text_llm, tiny, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "generation_config.json", "chat_template.jinja"):
-        assert (tiny_dir / name).is_file(), name
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    files = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+             "chat_template.jinja")
+    model, tok = load_plainly(tiny_text_llm, files, AutoModelForCausalLM, AutoTokenizer)
     assert isinstance(model, Qwen2ForCausalLM) and model.config.vocab_size == len(tok)
     ids = tok.convert_tokens_to_ids(QWEN25_SPECIAL_TOKENS + QWEN25_ADDED_TOKENS)
     assert ids == list(range(TinyQwen2TextSpec().vocab_size, TinyQwen2TextSpec().vocab_size + len(ids)))
@@ -120,14 +112,11 @@ def test_tiny_writes_a_normal_hf_dir_that_loads_with_plain_transformers(tiny_dir
         "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\nB<|im_end|>\n")
     # a width-64 model with std 0.02 learns nothing: the writer keeps ~1/sqrt(width)
     assert model.config.initializer_range == pytest.approx(64 ** -0.5)
-    again = load_file(write_tiny_text_llm(tmp_path / "a", seed=0) / "model.safetensors")
-    other = load_file(write_tiny_text_llm(tmp_path / "b", seed=1) / "model.safetensors")
-    first = load_file(tiny_dir / "model.safetensors")
-    assert all(torch.equal(first[k], again[k]) for k in first)
-    assert any(not torch.equal(first[k], other[k]) for k in first)
+    assert_seeded(tiny_text_llm, tiny.write("text_llm", tmp_path / "a", seed=0),
+                  tiny.write("text_llm", tmp_path / "b", seed=1))
 
 
-def test_load_refuses_other_models_with_the_fix(tmp_path, tiny_dir):
+def test_load_refuses_other_models_with_the_fix(tmp_path, tiny_text_llm):
     with pytest.raises(FileNotFoundError, match="aqa.tiny text_llm"):
         get_backbone("text_llm").from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_audio"}))
@@ -202,14 +191,10 @@ def test_grpo_rollouts_and_logprobs_match_a_plain_forward(backbone):
 # -- a data path without audio ------------------------------------------------------------------------------
 def _events_manifest(root, n=4):
     """A manifest with meta.events whose audio files do not exist: nothing may try to read them."""
-    from aqa.data.manifest import Record, write_dataset_info, write_jsonl
-
-    records = [Record(id=f"q{i}", part="tsqa", split="dev", audio=f"missing_{i}.wav", question="What is heard first?",
+    records = [record(i, part="tsqa", audio=f"missing_{i}.wav", question="What is heard first?",
                       choices=["Dog bark", "Siren"], answer=["Dog bark", "Siren"][i % 2],
                       meta={"events": EVENTS if i % 2 else []}) for i in range(n)]
-    write_jsonl(root / "dev.jsonl", records)
-    write_dataset_info(root, root / "no_audio_here")
-    return root / "dev.jsonl"
+    return write_manifest(root, "dev", records, audio="no_audio_here")
 
 
 def test_sft_data_path_builds_no_feature_cache_and_decodes_nothing(backbone, tmp_path):
@@ -226,12 +211,12 @@ def test_sft_data_path_builds_no_feature_cache_and_decodes_nothing(backbone, tmp
     assert backbone.collate(examples)["input_ids"].shape[0] == 4
 
 
-def test_inference_scores_an_events_manifest_without_audio(tiny_dir, tmp_path):
+def test_inference_scores_an_events_manifest_without_audio(tiny_text_llm, tmp_path):
     from aqa.eval.predict import InferConfig, run_inference
 
     _events_manifest(tmp_path / "data")
     for cache_dir in (None, str(tmp_path / "cache")):
-        cfg = InferConfig(model_path=str(tiny_dir), data_dir=str(tmp_path / "data"),
+        cfg = InferConfig(model_path=str(tiny_text_llm), data_dir=str(tmp_path / "data"),
                           output_dir=str(tmp_path / f"out_{cache_dir is None}"), backbone="text_llm",
                           permutations=2, cache_dir=cache_dir, progress=False)
         summary = run_inference(cfg, "dev")

@@ -5,15 +5,9 @@ import pytest
 import soundfile as sf
 
 from aqa.data.audio import MIN_DURATION_S, SAMPLE_RATE, AudioError, audio_duration, decode_audio, load_audio
+from tests.helpers import sine, write_sine
 
-TONE_HZ = 440.0
-
-
-def tone(sr: int, seconds: float, channels: int = 1, amp: float = 0.5) -> np.ndarray:
-    """A 440 Hz sine, ``[S]`` or ``[S, C]`` with the same signal in each channel."""
-    t = np.arange(int(round(sr * seconds))) / sr
-    x = (amp * np.sin(2 * np.pi * TONE_HZ * t)).astype(np.float32)
-    return x if channels == 1 else np.stack([x] * channels, axis=1)
+TONE_HZ = 440.0  # the frequency of helpers.sine (amplitude 0.5)
 
 
 def peak_hz(x: np.ndarray, sr: int) -> float:
@@ -37,7 +31,7 @@ GOOD = [
 @pytest.mark.parametrize("ext,subtype,sr,channels", GOOD)
 def test_good_formats_become_16k_mono_float32(tmp_path, ext, subtype, sr, channels):
     path = tmp_path / f"clip.{ext}"
-    sf.write(path, tone(sr, 0.5, channels), sr, subtype=subtype)
+    write_sine(path, 0.5, sr, channels=channels, subtype=subtype)
     y = load_audio(path)
     assert y.dtype == np.float32 and y.ndim == 1
     assert abs(len(y) - 0.5 * SAMPLE_RATE) <= 2
@@ -48,34 +42,34 @@ def test_good_formats_become_16k_mono_float32(tmp_path, ext, subtype, sr, channe
 
 
 def test_downmix_averages_channels(tmp_path):
-    left = tone(SAMPLE_RATE, 0.3)
+    left = sine(0.3, SAMPLE_RATE)
     stereo = np.stack([left, np.zeros_like(left)], axis=1)
     sf.write(tmp_path / "s.wav", stereo, SAMPLE_RATE, subtype="FLOAT")
     np.testing.assert_allclose(load_audio(tmp_path / "s.wav"), left / 2, atol=1e-6)
 
 
 def test_16k_mono_passes_through_unchanged(tmp_path):
-    x = tone(SAMPLE_RATE, 0.2)
+    x = sine(0.2, SAMPLE_RATE)
     sf.write(tmp_path / "m.wav", x, SAMPLE_RATE, subtype="FLOAT")
     np.testing.assert_array_equal(load_audio(tmp_path / "m.wav"), x)
 
 
 def test_long_clip_is_kept_whole(tmp_path):
-    sf.write(tmp_path / "long.flac", tone(22050, 45.0), 22050)
+    write_sine(tmp_path / "long.flac", 45.0, 22050)
     y = load_audio(tmp_path / "long.flac")
     assert abs(len(y) - 45 * SAMPLE_RATE) <= 2
     assert audio_duration(tmp_path / "long.flac") == pytest.approx(45.0, abs=1e-3)
 
 
 def test_decode_keeps_native_rate_and_channels(tmp_path):
-    sf.write(tmp_path / "a.wav", tone(32000, 0.25, channels=2), 32000, subtype="PCM_24")
+    write_sine(tmp_path / "a.wav", 0.25, 32000, channels=2, subtype="PCM_24")
     dec = decode_audio(tmp_path / "a.wav")
     assert dec.sample_rate == 32000 and dec.channels == 2 and dec.samples.shape == (8000, 2)
     assert dec.duration_s == pytest.approx(0.25)
 
 
 def test_exactly_minimum_duration_is_accepted(tmp_path):
-    sf.write(tmp_path / "min.wav", tone(SAMPLE_RATE, MIN_DURATION_S), SAMPLE_RATE)
+    write_sine(tmp_path / "min.wav", MIN_DURATION_S, SAMPLE_RATE)
     assert len(load_audio(tmp_path / "min.wav")) == int(MIN_DURATION_S * SAMPLE_RATE)
 
 
@@ -83,13 +77,13 @@ def _bad_files(tmp_path):
     (tmp_path / "zero.wav").write_bytes(b"")
     (tmp_path / "garbage.wav").write_bytes(b"RIFF\x00\x01this is not audio at all" * 10)
     sf.write(tmp_path / "empty.wav", np.zeros(0, np.float32), SAMPLE_RATE)
-    nan = tone(SAMPLE_RATE, 0.2)
+    nan = sine(0.2, SAMPLE_RATE)
     nan[100] = np.nan
     sf.write(tmp_path / "nan.wav", nan, SAMPLE_RATE, subtype="FLOAT")
-    inf = tone(SAMPLE_RATE, 0.2)
+    inf = sine(0.2, SAMPLE_RATE)
     inf[5] = np.inf
     sf.write(tmp_path / "inf.wav", inf, SAMPLE_RATE, subtype="FLOAT")
-    sf.write(tmp_path / "short.wav", tone(44100, 0.03), 44100)
+    write_sine(tmp_path / "short.wav", 0.03, 44100)
     (tmp_path / "folder.wav").mkdir()
 
 

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 
 from aqa.data.manifest import read_jsonl
 from aqa.data.temporal_qa import (
@@ -16,34 +15,14 @@ from aqa.data.temporal_qa import (
     numeric_neighbours,
 )
 from data_prep.audioset_strong import main as strong_main
+from tests.helpers import FIXTURES, write_wave
 
-LABELS = """/m/dog\tDog
-/m/car\tCar
-/m/bird\tBird song
-/m/speech\tSpeech
-/m/noise\tEnvironmental noise
-/m/room\tInside, small room
-/m/music\tMusic
-"""
-
+# A label list and a strong-label table in the AudioSet layout (tests/fixtures/audioset_strong/).
 # clipA: Dog 1.0-2.0 and 1.5-3.0 overlap (one occurrence 1.0-3.0), a second Dog 7-8, Car 4.0-6.2,
 # Bird song 5.0-5.4, a generic label over the whole clip and an unknown MID.
 # clipB: generic labels only. clipC: no audio. clipD: Speech and Dog start 0.1 s apart (FLAC audio).
-TSV = """segment_id\tstart_time_seconds\tend_time_seconds\tlabel
-clipA_1000\t0.000\t10.000\t/m/noise
-clipA_1000\t1.000\t2.000\t/m/dog
-clipA_1000\t4.000\t6.200\t/m/car
-clipA_1000\t1.500\t3.000\t/m/dog
-clipA_1000\t7.000\t8.000\t/m/dog
-clipA_1000\t5.000\t5.400\t/m/bird
-clipA_1000\t2.000\t2.500\t/m/unknown_mid
-clipB_0\t0.000\t10.000\t/m/room
-clipB_0\t0.000\t10.000\t/m/noise
-clipC_0\t1.000\t2.000\t/m/dog
-clipD_0\t0.000\t1.000\t/m/speech
-clipD_0\t0.100\t0.500\t/m/dog
-clipE_0\tabc\t2.000\t/m/dog
-"""
+LABELS = (FIXTURES / "audioset_strong" / "labels.tsv").read_text()
+TSV = (FIXTURES / "audioset_strong" / "strong.tsv").read_text()
 
 
 @pytest.fixture()
@@ -51,11 +30,10 @@ def source(tmp_path):
     (tmp_path / "labels.tsv").write_text(LABELS)
     (tmp_path / "strong.tsv").write_text(TSV)
     audio = tmp_path / "audio" / "sub"
-    audio.mkdir(parents=True)
     x = (0.1 * np.sin(np.arange(80000) * 0.05)).astype(np.float32)  # 10 s at 8 kHz
-    sf.write(audio / "clipA_1000.wav", x, 8000, subtype="PCM_16")
-    sf.write(audio / "clipB_0.wav", x, 8000, subtype="PCM_16")
-    sf.write(audio / "clipD_0.flac", x, 8000)
+    write_wave(audio / "clipA_1000.wav", x, 8000, subtype="PCM_16")
+    write_wave(audio / "clipB_0.wav", x, 8000, subtype="PCM_16")
+    write_wave(audio / "clipD_0.flac", x, 8000)
     return tmp_path
 
 

@@ -6,27 +6,24 @@ import multiprocessing
 import os
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import librosa
 import numpy as np
 import pytest
-import soundfile as sf
 from datasets.table import MemoryMappedTable
 
 import aqa.data.cache as cache_mod
 from aqa.data.audio import load_audio
 from aqa.data.cache import WAVE_KEY, CacheError, FeatureCache, build_feature_cache, file_key, settings_hash
 from aqa.data.manifest import Manifest, Record
+from tests.helpers import write_sine
 
 SETTINGS = {"n_mels": 16, "hop": 160, "n_fft": 400}
 
 
-def write_clip(path: Path, seconds: float, sr: int, freq: float, channels: int = 1, subtype: str | None = None):
-    t = np.arange(int(seconds * sr)) / sr
-    wave = 0.3 * np.sin(2 * np.pi * freq * t).astype(np.float32)
-    data = np.stack([wave] * channels, axis=1) if channels > 1 else wave
-    sf.write(str(path), data, sr, subtype=subtype)
+write_clip = partial(write_sine, amp=0.3)  # (path, seconds, sr, freq, channels=1, subtype=None)
 
 
 def make_manifest(root: Path) -> Manifest:

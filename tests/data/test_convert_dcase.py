@@ -1,6 +1,7 @@
 """data_prep.dcase end to end on a generated raw layout: every good case kept, every bad case quarantined."""
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -12,16 +13,12 @@ from aqa.data.sources.dcase import infer_part, infer_split
 from aqa.data.sources.options import match_answer, strip_letter_prefixes
 from aqa.data.validate import RecordError
 from data_prep.dcase import main
+from tests.helpers import write_sine
 
 CHOICES = ["A. Humpback whale", "B. Sperm whale", "C. Killer whale", "D. Bottlenose dolphin"]
 
 
-def write_tone(path, sr=16000, seconds=0.5, channels=1, subtype=None):
-    t = np.arange(int(round(sr * seconds))) / sr
-    x = (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32)
-    x = x if channels == 1 else np.stack([x] * channels, axis=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, x, sr, subtype=subtype)
+write_tone = partial(write_sine, freq=330.0, amp=0.3)  # (path, seconds=0.5, sr=16000, channels=1, subtype=None)
 
 
 def question(audio_url, **over):

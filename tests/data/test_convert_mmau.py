@@ -1,16 +1,15 @@
 """data_prep.mmau on the real test-mini file, with generated audio for a subset (the rest: missing audio)."""
 
 import json
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile as sf
 
 from aqa.data.manifest import load_manifest, read_jsonl
 from aqa.data.sources.mmau import normalise_category
 from data_prep.mmau import main
-from tests.helpers import FIXTURES
+from tests.helpers import FIXTURES, write_sine
 
 # The official file (Sakshi113/MMAU, 1000 items), stored unchanged so the test needs no download.
 FIXTURE = FIXTURES / "mmau-test-mini.json"
@@ -26,11 +25,7 @@ def items():
     return json.loads(FIXTURE.read_text(encoding="utf-8"))
 
 
-def write_clip(path: Path, sr: int, channels: int) -> None:
-    t = np.arange(int(0.2 * sr)) / sr
-    x = (0.2 * np.sin(2 * np.pi * 500 * t)).astype(np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, x if channels == 1 else np.stack([x] * channels, axis=1), sr)
+write_clip = partial(write_sine, seconds=0.2, freq=500.0, amp=0.2)  # (path, sr=..., channels=...)
 
 
 def test_real_fixture_with_a_subset_of_audio(tmp_path, items, capsys):
@@ -78,7 +73,7 @@ def test_real_fixture_with_a_subset_of_audio(tmp_path, items, capsys):
 
 def test_bad_items_are_quarantined(tmp_path, items, capsys):
     good = items[0]
-    write_clip(tmp_path / "audio" / Path(good["audio_id"]).name, 16000, 1)
+    write_clip(tmp_path / "audio" / Path(good["audio_id"]).name, sr=16000, channels=1)
     bad = [
         "not an object",
         {k: v for k, v in good.items() if k != "choices"} | {"id": "no-choices"},

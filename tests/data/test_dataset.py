@@ -6,13 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 from torch.utils.data import DataLoader
 
 from aqa.data.augment import AugmentConfig, OptionShuffleConfig, SpecAugmentConfig
 from aqa.data.cache import build_feature_cache
 from aqa.data.dataset import QADataset, ShardedSampler, collate_examples
 from aqa.data.manifest import Manifest, Record
+from tests.helpers import write_wave
 
 N_MELS = 12
 
@@ -29,7 +29,7 @@ def manifest(tmp_path: Path) -> Manifest:
     audio.mkdir()
     rng = np.random.default_rng(0)
     for i in range(3):
-        sf.write(str(audio / f"c{i}.wav"), rng.uniform(-0.5, 0.5, 1600 * (i + 2)).astype(np.float32), 16000)
+        write_wave(audio / f"c{i}.wav", rng.uniform(-0.5, 0.5, 1600 * (i + 2)).astype(np.float32))
     options = ["dog", "cat", "bird", "frog"]
     records = [
         Record(id=f"q{i}", part="bqa", split="train", audio=f"c{i % 3}.wav", question=f"Which animal {i}?",

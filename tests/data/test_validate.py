@@ -15,19 +15,18 @@ from aqa.data.validate import (
     resolve_audio,
     validate_record,
 )
+from tests.helpers import record, write_sine
 
 
 def rec(**over) -> Record:
-    base = dict(id="q1", part="bqa", split="train", audio="a.wav", question="Which animal?",
+    base = dict(part="bqa", split="train", audio="a.wav", question="Which animal?",
                 choices=["whale", "dolphin", "seal"], answer="dolphin")
-    base.update(over)
-    return Record(**base)
+    return record(1, **{**base, **over})
 
 
 @pytest.fixture
 def root(tmp_path):
-    t = np.arange(8000) / 16000
-    sf.write(tmp_path / "a.wav", (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), 16000)
+    write_sine(tmp_path / "a.wav", 0.5, freq=300.0, amp=0.3)
     return tmp_path
 
 

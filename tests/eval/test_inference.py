@@ -6,36 +6,32 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
 from aqa.config import ConfigError, load_config
-from aqa.data.manifest import Record, write_dataset_info, write_jsonl
+from aqa.data.manifest import Record
 from aqa.eval.predict import InferConfig, compute_metrics, run_inference
-from aqa.tiny import write_tiny_qwen2_audio
-from tests.helpers import ROOT
+from tests.helpers import ROOT, noise, write_manifest, write_wave
 
 PARTS = {"bqa": [0, 0, 1], "cqa": [0, 2]}  # answer index per question: the flat model gets index 0 right
 
 
 @pytest.fixture(scope="module")
-def flat_model(tmp_path_factory):
+def flat_model(tmp_path_factory, tiny_qwen2_audio):
     """A tiny model whose final norm is zero: every logit is 0, so every question's pick is its first option."""
     from transformers import Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
 
-    src = write_tiny_qwen2_audio(tmp_path_factory.mktemp("m") / "tiny", seed=0)
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(src)
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(tiny_qwen2_audio)
     torch.nn.init.zeros_(model.model.language_model.norm.weight)
-    out = src.parent / "flat"
+    out = tmp_path_factory.mktemp("m") / "flat"
     model.save_pretrained(out)
-    Qwen2AudioProcessor.from_pretrained(src).save_pretrained(out)
+    Qwen2AudioProcessor.from_pretrained(tiny_qwen2_audio).save_pretrained(out)
     return out
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    (root / "audio").mkdir()
     rng = np.random.default_rng(0)
     choices = ["dog bark", "siren", "rain, heavy"]
     for split in ("dev", "eval"):
@@ -43,12 +39,11 @@ def data_dir(tmp_path_factory):
         for part, answers in PARTS.items():
             for i, a in enumerate(answers):
                 name = f"{part}_{split}_{i}.wav"
-                sf.write(root / "audio" / name, (rng.standard_normal(16000 + 4000 * i) * 0.1).astype(np.float32), 16000)
+                write_wave(root / "audio" / name, noise(1 + 0.25 * i, rng))  # 1, 1.25 and 1.5 s
                 records.append(Record(id=f"{part}_{split}_{i}", part=part, split=split, audio=name,
                                       question="Which sound comes first?", choices=choices[: 2 + i % 2],
                                       answer=None if split == "eval" else choices[a]))
-        write_jsonl(root / f"{split}.jsonl", records)
-    write_dataset_info(root, root / "audio")
+        write_manifest(root, split, records)
     return root
 
 
@@ -112,22 +107,17 @@ def test_eval_split_writes_submission_and_no_accuracy(flat_model, data_dir, tmp_
     assert lines[0] == "question,answer" and len(lines) == 6
 
 
-def test_generate_mode_and_feature_cache(flat_model, data_dir, tmp_path):
+def test_generate_mode_and_feature_cache(flat_model, data_dir, tmp_path, tiny):
     gen = run_inference(_cfg(flat_model, data_dir, tmp_path / "g", mode="generate", max_new_tokens=3), "dev")
     rows = _rows(gen["predictions"])
     assert all(isinstance(r["generated"], str) and isinstance(r["parsed"], bool) for r in rows)
     assert gen["metrics"]["unparsed"] == sum(not r["parsed"] for r in rows)
-    plain = _rows(run_inference(_cfg(write_tiny_dir(tmp_path), data_dir, tmp_path / "a"), "dev")["predictions"])
-    cached = run_inference(_cfg(write_tiny_dir(tmp_path), data_dir, tmp_path / "b", cache_dir=str(tmp_path / "c")),
-                           "dev")
+    model = tiny.shared("qwen2_audio", seed=4)
+    plain = _rows(run_inference(_cfg(model, data_dir, tmp_path / "a"), "dev")["predictions"])
+    cached = run_inference(_cfg(model, data_dir, tmp_path / "b", cache_dir=str(tmp_path / "c")), "dev")
     assert list((tmp_path / "c").iterdir())  # the cache was built
     for p, c in zip(plain, _rows(cached["predictions"])):
         np.testing.assert_allclose(p["option_logits"], c["option_logits"], atol=1e-6)
-
-
-def write_tiny_dir(tmp_path):
-    path = tmp_path / "tiny"
-    return path if (path / "config.json").is_file() else write_tiny_qwen2_audio(path, seed=4)
 
 
 def test_strict_is_below_mean_when_orders_disagree():

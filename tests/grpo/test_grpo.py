@@ -11,7 +11,6 @@ from aqa.backbones import get_backbone
 from aqa.backbones.base import SamplingConfig
 from aqa.backbones.lora import AdapterError, LoraConfig, apply_lora
 from aqa.config import ConfigError
-from aqa.data.example import Example
 from aqa.grpo.config import GRPOSection, engine_batch, load_grpo_config, total_rounds
 from aqa.grpo.policy import (
     grpo_adapter_config,
@@ -26,14 +25,9 @@ from aqa.rl.advantages import Advantages
 from aqa.runtime.checkpoint import save_adapter
 from aqa.runtime.engine import deepspeed_config
 from aqa.runtime.recipe import crossed
-from aqa.tiny import TinyQwen2AudioSpec, write_tiny_qwen2_audio
+from tests.helpers import audio_example, noise
 
 REQUIRED = ["model_path=m", "sft_adapter=a", "data_dir=d", "output_dir=o"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return write_tiny_qwen2_audio(tmp_path_factory.mktemp("tiny") / "qwen2_audio", seed=0)
 
 
 def _randomize_lora(model, seed, std=0.05):
@@ -48,8 +42,8 @@ def _randomize_lora(model, seed, std=0.05):
 
 
 @pytest.fixture(scope="module")
-def sft_dir(tiny_dir, tmp_path_factory):
-    bb = get_backbone("qwen2_audio").from_pretrained(tiny_dir)
+def sft_dir(tiny_qwen2_audio, tmp_path_factory):
+    bb = get_backbone("qwen2_audio").from_pretrained(tiny_qwen2_audio)
     # as the demo SFT does: LoRA on the LM, the projector trained in full (saved inside the adapter)
     apply_lora(bb, LoraConfig(r=4, alpha=8, dropout=0.0, modules_to_save=["multi_modal_projector"]))
     _randomize_lora(bb.model, seed=1)
@@ -59,8 +53,7 @@ def sft_dir(tiny_dir, tmp_path_factory):
 def _examples(bb, n=3):
     rng = np.random.default_rng(0)
     choices = ["dog bark", "siren", "rain", "bell"]
-    return [Example(id=f"q{i}", question="What is heard first?", choices=choices[: 4 - i % 2], answer_index=i % 2,
-                    features=bb.extract_features((rng.standard_normal(16000 * (1 + i)) * 0.1).astype(np.float32)))
+    return [audio_example(bb, i, noise(1 + i, rng), choices[: 4 - i % 2], i % 2, "What is heard first?")
             for i in range(n)]
 
 
@@ -123,10 +116,10 @@ def test_noop_round_needs_every_group_flat():
 
 
 # -- policy, reference, export -------------------------------------------------------------------------------
-def test_reference_is_the_sft_model_and_stacked_adapter_is_exact(tiny_dir, sft_dir, tmp_path):
+def test_reference_is_the_sft_model_and_stacked_adapter_is_exact(tiny_qwen2_audio, sft_dir, tmp_path):
     from peft import PeftModel
 
-    bb = get_backbone("qwen2_audio").from_pretrained(tiny_dir)
+    bb = get_backbone("qwen2_audio").from_pretrained(tiny_qwen2_audio)
     policy = policy_from_sft(bb, sft_dir, LoraConfig(r=2, alpha=6, dropout=0.0))
     trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
@@ -136,7 +129,7 @@ def test_reference_is_the_sft_model_and_stacked_adapter_is_exact(tiny_dir, sft_d
     with reference(policy):
         ref_logits = _answer_logits(bb, policy, examples)
 
-    sft_bb = get_backbone("qwen2_audio").from_pretrained(tiny_dir)
+    sft_bb = get_backbone("qwen2_audio").from_pretrained(tiny_qwen2_audio)
     sft_model = PeftModel.from_pretrained(sft_bb.model, str(sft_dir))
     assert torch.allclose(ref_logits, _answer_logits(sft_bb, sft_model, examples), atol=1e-5)
     assert not torch.allclose(ref_logits, policy_logits, atol=1e-3)  # the GRPO adapter matters
@@ -146,16 +139,16 @@ def test_reference_is_the_sft_model_and_stacked_adapter_is_exact(tiny_dir, sft_d
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 4 + 2 and config["lora_alpha"] == 6
     assert config["modules_to_save"] == ["multi_modal_projector"]
-    base = get_backbone("qwen2_audio").from_pretrained(tiny_dir)
+    base = get_backbone("qwen2_audio").from_pretrained(tiny_qwen2_audio)
     stacked = PeftModel.from_pretrained(base.model, str(out))  # plain PEFT on the base model
     assert torch.allclose(_answer_logits(base, stacked, examples), policy_logits, atol=1e-5)
 
 
-def test_missing_or_foreign_sft_adapter_is_a_clear_error(tiny_dir, tmp_path):
-    bb = get_backbone("qwen2_audio").from_pretrained(tiny_dir)
+def test_missing_or_foreign_sft_adapter_is_a_clear_error(tiny_qwen2_audio, tmp_path, tiny):
+    bb = get_backbone("qwen2_audio").from_pretrained(tiny_qwen2_audio)
     with pytest.raises(AdapterError, match="Train SFT first"):
         policy_from_sft(bb, tmp_path / "nowhere", LoraConfig())
-    other_dir = write_tiny_qwen2_audio(tmp_path / "other", spec=TinyQwen2AudioSpec(hidden_size=32, intermediate_size=64))
+    other_dir = tiny.shared("qwen2_audio", hidden_size=32, intermediate_size=64)
     other = get_backbone("qwen2_audio").from_pretrained(other_dir)
     apply_lora(other, LoraConfig(r=4))
     foreign = save_adapter(other.model, tmp_path / "foreign")
@@ -163,8 +156,8 @@ def test_missing_or_foreign_sft_adapter_is_a_clear_error(tiny_dir, tmp_path):
         policy_from_sft(bb, foreign, LoraConfig())
 
 
-def test_grpo_adapter_goes_on_the_sft_layers_only(tiny_dir, sft_dir):
-    bb = get_backbone("qwen2_audio").from_pretrained(tiny_dir)
+def test_grpo_adapter_goes_on_the_sft_layers_only(tiny_qwen2_audio, sft_dir):
+    bb = get_backbone("qwen2_audio").from_pretrained(tiny_qwen2_audio)
     with pytest.raises(AdapterError, match="lora.targets"):
         policy_from_sft(bb, sft_dir, LoraConfig(targets=["q_proj"]))
     with pytest.raises(AdapterError, match="modules_to_save"):
@@ -172,8 +165,8 @@ def test_grpo_adapter_goes_on_the_sft_layers_only(tiny_dir, sft_dir):
 
 
 # -- one micro-batch -------------------------------------------------------------------------------------------
-def test_one_group_samples_scores_and_gives_a_finite_loss_with_lora_gradients(tiny_dir, sft_dir):
-    bb = get_backbone("qwen2_audio").from_pretrained(tiny_dir)
+def test_one_group_samples_scores_and_gives_a_finite_loss_with_lora_gradients(tiny_qwen2_audio, sft_dir):
+    bb = get_backbone("qwen2_audio").from_pretrained(tiny_qwen2_audio)
     policy = policy_from_sft(bb, sft_dir, LoraConfig(r=2, alpha=4, dropout=0.0))
     _randomize_lora(policy, seed=3)
     section = GRPOSection(num_generations=4, num_iterations=2, rewards={"accuracy": 1.0, "format": 0.5},

@@ -14,9 +14,8 @@ from aqa.sed.beats import BeatsModel, relative_position_bucket
 from aqa.sed.config import BeatsConfig, BeatsConfigError, load_beats_config
 from aqa.sed.convert import main as convert_main
 from aqa.sed.labels import LabelMap, LabelMapError
-from aqa.sed.tiny import DEFAULT_CONFIG, build_tiny_beats, write_tiny_beats
 from aqa.sed.weights import SedCheckpointError, convert_official, load_sed_dir, read_official_checkpoint
-from tests.helpers import FIXTURES, ROOT
+from tests.helpers import FIXTURES, ROOT, tiny_beats
 
 PARAMS = FIXTURES / "beats_params.json"  # the official 252 names and shapes
 BEATS_CONFIGS = ROOT / "configs" / "cascade" / "beats"
@@ -24,10 +23,6 @@ BEATS_CONFIGS = ROOT / "configs" / "cascade" / "beats"
 
 def _labels(n: int) -> LabelMap:
     return LabelMap.from_pairs([(f"/m/c{i}", f"class {i}") for i in range(n)])
-
-
-def _tiny(n_classes: int = 3, seed: int = 0) -> BeatsModel:
-    return build_tiny_beats(load_beats_config(DEFAULT_CONFIG), n_classes, seed).eval()
 
 
 def test_reference_listing_matches_252_of_252(capsys):
@@ -92,19 +87,18 @@ def test_bucket_function_on_hand_worked_distances():
     assert got == [0, 1, 17, 7, 23, 8, 24, 10, 26, 15, 15, 31]
 
 
-def test_tiny_directory_round_trip_keeps_outputs_and_labels(tmp_path):
+def test_tiny_directory_round_trip_keeps_outputs_and_labels(tiny):
     labels = _labels(3)
-    write_tiny_beats(tmp_path / "sed", labels, seed=3)
-    model, loaded = load_sed_dir(tmp_path / "sed")
+    model, loaded = load_sed_dir(tiny.beats(labels, seed=3))
     assert loaded.mids == labels.mids and loaded.names == labels.names
-    ref = build_tiny_beats(load_beats_config(DEFAULT_CONFIG), 3, seed=3).eval()
+    ref = tiny_beats(3, seed=3)
     fbank = torch.randn(1, 64, 128)
     with torch.no_grad():
         assert torch.equal(model(fbank).token_logits, ref(fbank).token_logits)
 
 
-def test_a_label_map_of_another_size_is_a_clear_error(tmp_path):
-    write_tiny_beats(tmp_path / "sed", _labels(3))
+def test_a_label_map_of_another_size_is_a_clear_error(tmp_path, tiny):
+    tiny.write_beats(tmp_path / "sed", _labels(3))  # its own copy: the test replaces its label map
     _labels(5).save(tmp_path / "sed" / "labels.json")
     with pytest.raises(LabelMapError, match="predicts 3 classes but its label map has 5"):
         load_sed_dir(tmp_path / "sed")
@@ -117,7 +111,7 @@ def _official_pt(path: Path, model: BeatsModel, label_dict: dict) -> Path:
 
 
 def test_official_pt_converts_through_label_dict_with_display_names(tmp_path, capsys):
-    model = _tiny(3, seed=1)
+    model = tiny_beats(3, seed=1)
     # the checkpoint's own row order, not that of class_labels_indices.csv
     pt = _official_pt(tmp_path / "beats.pt", model, {0: "/m/dog", 1: "/m/cat", 2: "/m/bird"})
     names = tmp_path / "class_labels_indices.csv"
@@ -132,7 +126,7 @@ def test_official_pt_converts_through_label_dict_with_display_names(tmp_path, ca
 
 
 def test_pt_that_weights_only_refuses_is_not_unpickled(tmp_path):
-    model = _tiny(2)
+    model = tiny_beats(2)
     path = tmp_path / "pickled.pt"
     torch.save({"cfg": argparse.Namespace(input_patch_size=16), "model": model.state_dict(),
                 "label_dict": {0: "/m/a", 1: "/m/b"}}, path)
@@ -141,13 +135,13 @@ def test_pt_that_weights_only_refuses_is_not_unpickled(tmp_path):
 
 
 def test_pt_with_a_label_dict_of_another_size_fails(tmp_path, capsys):
-    pt = _official_pt(tmp_path / "beats.pt", _tiny(3), {0: "/m/a", 1: "/m/b"})
+    pt = _official_pt(tmp_path / "beats.pt", tiny_beats(3), {0: "/m/a", 1: "/m/b"})
     assert convert_main([str(pt), "--out", str(tmp_path / "out")]) == 1
     assert "predicts 3 classes but its label map has 2" in capsys.readouterr().err
 
 
 def test_pt_whose_tensors_do_not_fit_its_cfg_names_them(tmp_path):
-    model = _tiny(3)
+    model = tiny_beats(3)
     state = model.state_dict()
     state["encoder.extra.weight"] = torch.zeros(2)
     del state["encoder.layer_norm.bias"]
@@ -159,7 +153,7 @@ def test_pt_whose_tensors_do_not_fit_its_cfg_names_them(tmp_path):
 
 
 def test_padded_batch_equals_one_clip_at_a_time():
-    model = _tiny(4, seed=2)
+    model = tiny_beats(4, seed=2)
     a, b = torch.randn(1, 5 * 16 + 3, 128), torch.randn(1, 3 * 16, 128)
     batch = torch.zeros(2, 5 * 16 + 3, 128)
     batch[0], batch[1, : 3 * 16] = a[0], b[0]
@@ -176,4 +170,4 @@ def test_padded_batch_equals_one_clip_at_a_time():
 
 def test_fewer_frames_than_one_row_is_a_clear_error():
     with pytest.raises(ValueError, match="at least 16 fbank frames"):
-        _tiny(2)(torch.randn(1, 15, 128))
+        tiny_beats(2)(torch.randn(1, 15, 128))

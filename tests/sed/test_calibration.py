@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import pytest
-import soundfile as sf
 import yaml
 
 from aqa.sed.calibrate import main as calibrate_main
@@ -20,8 +19,7 @@ from aqa.sed.calibration import (
 )
 from aqa.sed.labels import LabelMap
 from aqa.sed.strong import segment_targets
-from aqa.sed.tiny import write_tiny_beats
-from tests.helpers import ROOT
+from tests.helpers import ROOT, record, write_manifest, write_wave
 
 
 def test_cllr_of_lr_one_everywhere_is_one():
@@ -119,37 +117,33 @@ def _write_clip(path, events_s, seconds, rng):
     for onset, offset in events_s:
         i0, i1 = int(onset * 16000), int(offset * 16000)
         wave[i0:i1] += 0.5 * np.sin(2 * np.pi * 1500 * np.arange(i1 - i0) / 16000)
-    sf.write(path, wave.astype(np.float32), 16000)
+    write_wave(path, wave.astype(np.float32))
 
 
 def _split(root, name, n, rng, rare_count=0):
-    audio = root / "audio"
-    audio.mkdir(parents=True, exist_ok=True)
     rows, tsv = [], ["segment_id\tstart_time_seconds\tend_time_seconds\tlabel"]
     for i in range(n):
         cid = f"{name}{i:03d}"
         ev = [(0.3 + 0.1 * (i % 3), 1.1 + 0.1 * (i % 4))]
-        _write_clip(audio / f"{cid}.wav", ev, 2.0, rng)
+        _write_clip(root / "audio" / f"{cid}.wav", ev, 2.0, rng)
         tsv += [f"{cid}\t{a:.2f}\t{b:.2f}\t/m/tone" for a, b in ev]
         if i < rare_count:
             tsv.append(f"{cid}\t0.00\t0.20\t/m/rare")
         tsv.append(f"{cid}\t0.00\t2.00\t/m/unknown")
-        rows.append({"id": f"q{cid}", "part": "p", "split": name, "audio": f"{cid}.wav", "question": "q?",
-                     "choices": ["a", "b"], "answer": "a", "meta": {}})
-    (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rows.append(record(id=f"q{cid}", split=name, audio=f"{cid}.wav", question="q?"))
+    write_manifest(root, name, rows)
     (root / f"{name}.tsv").write_text("\n".join(tsv) + "\n")
-    (root / "dataset.json").write_text(json.dumps({"audio_root": "audio"}))
 
 
-def test_calibrate_cli_writes_json_plot_and_names_refused_classes(tmp_path, capsys):
+def test_calibrate_cli_writes_json_plot_and_names_refused_classes(tmp_path, capsys, tiny):
     rng = np.random.default_rng(3)
     _split(tmp_path / "data", "train", 8, rng, rare_count=2)
     _split(tmp_path / "data", "dev", 12, rng, rare_count=1)
     labels = LabelMap.from_pairs([("/m/tone", "Tone"), ("/m/rare", "Rare sound")])
-    write_tiny_beats(tmp_path / "sed", labels, seed=0)
+    sed = tiny.beats(labels, seed=0)
     cfg = yaml.safe_load((ROOT / "configs" / "demo" / "cascade_calibrate.yaml").read_text())
     d = tmp_path / "data"
-    cfg.update(sed=str(tmp_path / "sed"), train_manifest=str(d / "train.jsonl"), train_tsv=str(d / "train.tsv"),
+    cfg.update(sed=str(sed), train_manifest=str(d / "train.jsonl"), train_tsv=str(d / "train.tsv"),
                calib_manifest=str(d / "dev.jsonl"), calib_tsv=str(d / "dev.tsv"), out=str(tmp_path / "cal.json"),
                plot=str(tmp_path / "rel.png"), cache_dir=str(tmp_path / "cache"), min_positives=5,
                heldout_manifest=None, heldout_tsv=None)

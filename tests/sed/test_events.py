@@ -4,15 +4,14 @@ import json
 
 import numpy as np
 import pytest
-import soundfile as sf
 
-from aqa.data.manifest import Record, load_manifest
+from aqa.data.manifest import load_manifest
 from aqa.sed.annotate import EventsError, attach_events
 from aqa.sed.calibration import Calibration, ClassCalibration
 from aqa.sed.events import EventConfig, contiguous_regions, decode_events, smooth
 from aqa.sed.labels import LabelMap
-from aqa.sed.tiny import write_tiny_beats
 from data_prep.sed_events import main as sed_events_main
+from tests.helpers import noise, record, write_manifest, write_wave
 
 CFG = EventConfig(median_window=3, threshold=0.1, decimals=2)
 
@@ -47,12 +46,8 @@ def test_threshold_is_strict_and_window_one_keeps_the_raw_track():
     assert decode_events(np.zeros((0, 1)), 0.16, 0.1, ["X"], cfg) == []
 
 
-def _record(i):
-    return Record(id=f"q{i}", part="p", split="dev", audio=f"c{i}.wav", question="?", choices=["a", "b"], answer="a")
-
-
 def test_events_for_ids_missing_from_the_manifest_are_an_error_listing_them():
-    records = [_record(0), _record(1)]
+    records = [record(0), record(1)]
     with pytest.raises(EventsError, match=r"2 id\(s\) missing from the manifest: q7, q9"):
         attach_events(records, {"q0": [], "q1": [], "q7": [], "q9": []})
     with pytest.raises(EventsError, match=r"1 manifest id\(s\) have no events: q1"):
@@ -63,28 +58,22 @@ def test_events_for_ids_missing_from_the_manifest_are_an_error_listing_them():
 
 
 def _dataset(root):
-    audio = root / "audio"
-    audio.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    rows = []
     for i, seconds in enumerate((1.5, 0.12, 1.0)):
-        sf.write(audio / f"c{i}.wav", (0.2 * rng.standard_normal(int(seconds * 16000))).astype(np.float32), 16000)
-        rows.append(_record(i).__dict__)
-    rows.append({**_record(0).__dict__, "id": "q0b"})  # a second question about clip 0
-    (root / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "dataset.json").write_text(json.dumps({"audio_root": "audio"}))
-    return root / "dev.jsonl"
+        write_wave(root / "audio" / f"c{i}.wav", noise(seconds, rng, scale=0.2))
+    records = [record(0), record(1), record(2), record(0, id="q0b")]  # q0b: a second question about clip 0
+    return write_manifest(root, "dev", records)
 
 
-def test_sed_events_cli_writes_events_notes_and_reuses_its_cache(tmp_path, capsys):
+def test_sed_events_cli_writes_events_notes_and_reuses_its_cache(tmp_path, capsys, tiny):
     manifest = _dataset(tmp_path / "data")
     labels = LabelMap.from_pairs([("/m/a", "Alpha"), ("/m/b", "Beta")])
-    write_tiny_beats(tmp_path / "sed", labels, seed=1)
+    sed = tiny.beats(labels, seed=1)
     # a calibration that marks everything as likely, so the random SED yields events
     cal = Calibration([ClassCalibration(c.index, c.mid, c.name, prior=0.5, a=0.0, b=3.0, calibrated=True)
                        for c in labels], hop_rows=1, window_rows=62, meta={})
     cal.save(tmp_path / "cal.json")
-    args = ["--manifest", str(manifest), "--sed", str(tmp_path / "sed"), "--calibration", str(tmp_path / "cal.json"),
+    args = ["--manifest", str(manifest), "--sed", str(sed), "--calibration", str(tmp_path / "cal.json"),
             "--out", str(tmp_path / "out"), "--config", "configs/demo/cascade_events.yaml"]
     assert sed_events_main(args) == 0
     assert "1 with a note (clip too short)" in capsys.readouterr().out
@@ -117,13 +106,13 @@ def test_sed_events_cli_attaches_an_events_file_and_rejects_foreign_ids(tmp_path
     assert all(r.meta["events"] == [] for r in load_manifest(tmp_path / "out" / "dev.jsonl").records)
 
 
-def test_sed_events_refuses_a_calibration_fitted_on_another_grid(tmp_path, capsys):
+def test_sed_events_refuses_a_calibration_fitted_on_another_grid(tmp_path, capsys, tiny):
     manifest = _dataset(tmp_path / "data")
     labels = LabelMap.from_pairs([("/m/a", "Alpha")])
-    write_tiny_beats(tmp_path / "sed", labels)
+    sed = tiny.beats(labels)
     Calibration([ClassCalibration(0, "/m/a", "Alpha", prior=0.1)], hop_rows=2, window_rows=62, meta={}).save(
         tmp_path / "cal.json")
-    rc = sed_events_main(["--manifest", str(manifest), "--sed", str(tmp_path / "sed"), "--calibration",
+    rc = sed_events_main(["--manifest", str(manifest), "--sed", str(sed), "--calibration",
                           str(tmp_path / "cal.json"), "--out", str(tmp_path / "out"),
                           "--config", "configs/demo/cascade_events.yaml"])
     assert rc == 1

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from aqa.sed.fbank import beats_fbank, kaldi_fbank, num_frames
+from tests.helpers import sine
 
 SR = 16000
 
@@ -35,13 +36,8 @@ def _hand_kaldi_fbank(wave: np.ndarray, n_mels: int = 128) -> np.ndarray:
     return np.log(np.maximum(power @ banks.T, np.finfo(np.float32).eps))
 
 
-def _sine(freq: float, seconds: float, amp: float = 0.5) -> np.ndarray:
-    t = np.arange(int(seconds * SR)) / SR
-    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
-
-
 def test_known_sine_matches_the_hand_computed_reference():
-    wave = _sine(1000.0, 0.5) + 0.01 * np.random.default_rng(0).standard_normal(8000).astype(np.float32)
+    wave = sine(0.5, freq=1000.0) + 0.01 * np.random.default_rng(0).standard_normal(8000).astype(np.float32)
     ours = kaldi_fbank(wave)
     ref = _hand_kaldi_fbank(wave)
     assert ours.shape == ref.shape == (48, 128)
@@ -50,7 +46,7 @@ def test_known_sine_matches_the_hand_computed_reference():
 
 def test_the_sine_energy_peaks_in_the_mel_band_of_its_frequency():
     for freq in (300.0, 1000.0, 4000.0):
-        fb = kaldi_fbank(_sine(freq, 0.3))
+        fb = kaldi_fbank(sine(0.3, freq=freq))
         lo, hi = 1127 * np.log(1 + 20 / 700), 1127 * np.log(1 + 8000 / 700)
         centers = lo + (np.arange(128) + 1) * (hi - lo) / 129
         expected = int(np.argmin(np.abs(centers - 1127 * np.log(1 + freq / 700))))
@@ -65,7 +61,7 @@ def test_frame_count_for_a_given_length(samples, frames):
 
 
 def test_normalisation_is_beats_mean_and_twice_the_std():
-    wave = _sine(440.0, 0.2)
+    wave = sine(0.2, freq=440.0)
     raw = kaldi_fbank(wave)
     norm = beats_fbank(wave, 15.41663, 6.55582)
     assert np.allclose(norm, (raw - 15.41663) / (2 * 6.55582), atol=1e-6)

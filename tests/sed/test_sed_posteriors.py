@@ -1,10 +1,8 @@
 """Segment read-out: row logits reproduce the clip output; windows for long clips; short clips; the cache."""
 
 import numpy as np
-import soundfile as sf
 import torch
 
-from aqa.sed.config import load_beats_config
 from aqa.sed.fbank import beats_fbank
 from aqa.sed.labels import LabelMap
 from aqa.sed.posteriors import (
@@ -16,19 +14,11 @@ from aqa.sed.posteriors import (
     segment_posteriors,
     window_plan,
 )
-from aqa.sed.tiny import DEFAULT_CONFIG, build_tiny_beats, write_tiny_beats
-
-
-def _model(classes=3, seed=0):
-    return build_tiny_beats(load_beats_config(DEFAULT_CONFIG), classes, seed).eval()
-
-
-def _wave(seconds, seed=0):
-    return (0.1 * np.random.default_rng(seed).standard_normal(int(seconds * 16000))).astype(np.float32)
+from tests.helpers import noise, tiny_beats, write_wave
 
 
 def test_segment_mean_of_token_logits_reproduces_the_clip_output():
-    model = _model()
+    model = tiny_beats()
     fbank = torch.randn(2, 7 * 16, 128)
     with torch.no_grad():
         out = model(fbank)
@@ -59,8 +49,8 @@ def test_window_plan_aligns_the_last_window_to_the_end():
 
 
 def test_long_clips_are_windowed_and_each_row_comes_from_its_window():
-    model = _model(seed=1)
-    wave = _wave(2.0)  # 198 frames -> 12 rows
+    model = tiny_beats(seed=1)
+    wave = noise(2.0)  # 198 frames -> 12 rows
     cfg = model.cfg
     rows = clip_row_logits(model, wave, window_rows=5, batch_windows=2)
     assert rows.shape == (12, 3)
@@ -75,23 +65,18 @@ def test_long_clips_are_windowed_and_each_row_comes_from_its_window():
 
 
 def test_a_clip_shorter_than_one_row_gives_no_segments_and_a_note():
-    model = _model()
-    rows = clip_row_logits(model, _wave(0.17), window_rows=62)
+    model = tiny_beats()
+    rows = clip_row_logits(model, noise(0.17), window_rows=62)
     assert rows.shape == (0, 3)
     post = segment_posteriors(rows, num_samples=2720, hop_rows=1)
     assert post.logits.shape == (0, 3) and "shorter than one BEATs row (0.175 s)" in post.note
-    assert clip_row_logits(model, _wave(0.175), window_rows=62).shape == (1, 3)  # 2,800 samples: one row
+    assert clip_row_logits(model, noise(0.175), window_rows=62).shape == (1, 3)  # 2,800 samples: one row
 
 
-def test_score_clips_caches_per_clip(tmp_path):
-    labels = LabelMap.from_pairs([("/m/a", "A"), ("/m/b", "B")])
-    write_tiny_beats(tmp_path / "sed", labels, seed=4)
-    paths = []
-    for i, seconds in enumerate((1.0, 0.1, 0.6)):
-        p = tmp_path / f"clip{i}.wav"
-        sf.write(p, _wave(seconds, seed=i), 16000)
-        paths.append(p)
-    det = SedDetector(tmp_path / "sed", PosteriorConfig(window_rows=62, hop_rows=2, batch_windows=2))
+def test_score_clips_caches_per_clip(tmp_path, tiny):
+    sed = tiny.beats(LabelMap.from_pairs([("/m/a", "A"), ("/m/b", "B")]), seed=4)
+    paths = [write_wave(tmp_path / f"clip{i}.wav", noise(seconds, i)) for i, seconds in enumerate((1.0, 0.1, 0.6))]
+    det = SedDetector(sed, PosteriorConfig(window_rows=62, hop_rows=2, batch_windows=2))
     first = score_clips(det, paths, tmp_path / "cache", progress=False)
     assert [first[p].logits.shape for p in paths] == [(3, 2), (0, 2), (2, 2)]  # 6, 0 and 3 rows
     assert first[paths[1]].note is not None and first[paths[0]].note is None

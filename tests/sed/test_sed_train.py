@@ -1,11 +1,10 @@
 """SED training library: head rebuilt by MID, strong labels over manifest audio, crops, masked BCE, configs."""
 
-import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -17,7 +16,6 @@ from aqa.sed.annotate import SedEventsConfig
 from aqa.sed.calibrate import CalibrateConfig
 from aqa.sed.labels import LabelMap
 from aqa.sed.strong import StrongLabelError, load_strong_clips
-from aqa.sed.tiny import write_tiny_beats
 from aqa.sed.train import (
     SedDataConfig,
     SedModelOverrides,
@@ -29,25 +27,21 @@ from aqa.sed.train import (
     prepare_model,
     row_bce,
 )
-from tests.helpers import ROOT
+from tests.helpers import ROOT, noise, record, write_manifest, write_wave
 
 
 def _data(root: Path, n=3):
-    audio = root / "audio"
-    audio.mkdir(parents=True)
     rng = np.random.default_rng(0)
     rows, tsv = [], ["segment_id\tstart_time_seconds\tend_time_seconds\tlabel"]
     for i in range(n):
-        sf.write(audio / f"clip{i}.wav", (0.1 * rng.standard_normal(16000 + 8000 * i)).astype(np.float32), 16000)
-        rows.append({"id": f"q{i}", "part": "p", "split": "train", "audio": f"clip{i}.wav", "question": "?",
-                     "choices": ["a", "b"], "answer": "a", "meta": {}})
+        write_wave(root / "audio" / f"clip{i}.wav", noise(1 + 0.5 * i, rng))  # 1 s, 1.5 s, 2 s
+        rows.append(record(i, split="train", audio=f"clip{i}.wav"))
         tsv.append(f"clip{i}\t0.16\t0.48\t/m/dog")
-    rows.append({**rows[0], "id": "q0b"})  # a second question about clip 0: the clip is used once
-    sf.write(audio / "extra.wav", np.zeros(16000, dtype=np.float32), 16000)
-    rows.append({**rows[0], "id": "q_extra", "audio": "extra.wav"})  # no TSV rows: left out
+    rows.append(replace(rows[0], id="q0b"))  # a second question about clip 0: the clip is used once
+    write_wave(root / "audio" / "extra.wav", np.zeros(16000, dtype=np.float32))
+    rows.append(replace(rows[0], id="q_extra", audio="extra.wav"))  # no TSV rows: left out
     tsv += ["clip1\t0.5\t0.9\t/m/cat", "clip2\t0.0\t0.3\t/m/unknown", "notinmanifest\t0\t1\t/m/dog"]
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "dataset.json").write_text(json.dumps({"audio_root": "audio"}))
+    write_manifest(root, "train", rows)
     (root / "strong.tsv").write_text("\n".join(tsv) + "\n")
     (root / "labels.tsv").write_text("/m/dog\tDog\n/m/bird\tBird\n/m/cat\tCat\n/m/noise\tNoise\n")
     return root
@@ -66,28 +60,27 @@ def test_strong_clips_match_audio_names_and_count_what_is_left_out(tmp_path):
         load_strong_clips(d / "train.jsonl", d / "other.tsv", labels)
 
 
-def test_head_is_rebuilt_for_the_trained_classes_keeping_rows_by_mid(tmp_path):
+def test_head_is_rebuilt_for_the_trained_classes_keeping_rows_by_mid(tmp_path, tiny):
     old = LabelMap.from_pairs([("/m/cat", "Cat"), ("/m/dog", "Dog"), ("/m/car", "Car")])
-    write_tiny_beats(tmp_path / "init", old, seed=5)
+    sed = tiny.beats(old, seed=5)
     d = _data(tmp_path / "data")
     data = SedDataConfig(train_manifest="x", train_tsv="y", labels=str(d / "labels.tsv"), drop_labels=["Noise"])
-    model, labels, kept = prepare_model(tmp_path / "init", data, SedModelOverrides(dropout=0.3), seed=0)
+    model, labels, kept = prepare_model(sed, data, SedModelOverrides(dropout=0.3), seed=0)
     assert labels.mids == ["/m/dog", "/m/bird", "/m/cat"] and kept == 2
     assert model.cfg.predictor_class == 3 and model.cfg.dropout == 0.3
-    init = load_file(str(tmp_path / "init" / "model.safetensors"))
+    init = load_file(str(sed / "model.safetensors"))
     w = model.predictor.weight.detach()
     assert torch.equal(w[0], init["predictor.weight"][1]) and torch.equal(w[2], init["predictor.weight"][0])
     assert torch.equal(model.encoder.layer_norm.weight.detach(), init["encoder.layer_norm.weight"])
     # no data.labels: the init model's own classes
-    same, labels2, kept2 = prepare_model(tmp_path / "init", SedDataConfig("x", "y"), SedModelOverrides(), 0)
+    same, labels2, kept2 = prepare_model(sed, SedDataConfig("x", "y"), SedModelOverrides(), 0)
     assert labels2.mids == old.mids and kept2 == 3
 
 
-def test_dataset_crops_pads_and_the_loss_ignores_padding(tmp_path):
+def test_dataset_crops_pads_and_the_loss_ignores_padding(tmp_path, tiny):
     d = _data(tmp_path / "data")
     labels = LabelMap.from_pairs([("/m/dog", "Dog"), ("/m/cat", "Cat")])
-    write_tiny_beats(tmp_path / "init", labels)
-    model, labels, _ = prepare_model(tmp_path / "init", SedDataConfig("x", "y"), SedModelOverrides(), 0)
+    model, labels, _ = prepare_model(tiny.beats(labels), SedDataConfig("x", "y"), SedModelOverrides(), 0)
     clips, _ = load_strong_clips(d / "train.jsonl", d / "strong.tsv", labels)
     extract, settings = fbank_extractor(model.cfg)
     cache = build_feature_cache(load_manifest(d / "train.jsonl"), tmp_path / "cache", extract, settings, progress=False)

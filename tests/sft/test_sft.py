@@ -30,7 +30,7 @@ from aqa.runtime.loaders import micro_batches, micro_batches_per_epoch, move_bat
 from aqa.runtime.nonfinite import NonFiniteLoss, check_loss, confirm_skipped
 from aqa.sft.config import load_sft_config
 from aqa.sft.step import sft_loss
-from tests.helpers import ROOT
+from tests.helpers import ROOT, noise, record, write_wave
 
 ZERO2 = ROOT / "configs" / "deepspeed" / "zero2.json"
 
@@ -221,21 +221,17 @@ def one_rank_world(monkeypatch):
 
 def _dataset(tmp_path, backbone, n=4, seed=0):
     """``n`` answered questions over real WAV files, features from a real feature cache."""
-    import soundfile as sf
-
     from aqa.data.cache import build_feature_cache
     from aqa.data.dataset import QADataset
-    from aqa.data.manifest import Manifest, Record
+    from aqa.data.manifest import Manifest
 
     rng = np.random.default_rng(seed)
     audio = tmp_path / "audio"
-    audio.mkdir()
     records = []
     for i in range(n):
-        sf.write(audio / f"c{i}.wav", (0.1 * rng.standard_normal(16000)).astype(np.float32), 16000)
-        records.append(Record(id=f"q{i}", part="bqa" if i % 2 else "cqa", split="dev", audio=f"c{i}.wav",
-                              question="Which sound is heard?", choices=["dog", "cat", "bird"],
-                              answer=["dog", "cat", "bird"][i % 3]))
+        write_wave(audio / f"c{i}.wav", noise(1.0, rng))
+        records.append(record(i, part="bqa" if i % 2 else "cqa", question="Which sound is heard?",
+                              choices=["dog", "cat", "bird"], answer=["dog", "cat", "bird"][i % 3]))
     manifest = Manifest(path=tmp_path / "dev.jsonl", audio_root=audio, records=records)
     cache = build_feature_cache(manifest, tmp_path / "cache", backbone.extract_features,
                                 backbone.feature_settings(), progress=False)
@@ -246,17 +242,15 @@ def _lora(engine):
     return {n: p.detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
 
 
-def test_nonfinite_step_is_skipped_by_the_engine_and_finite_steps_train(tmp_path, one_rank_world):
+def test_nonfinite_step_is_skipped_by_the_engine_and_finite_steps_train(tmp_path, one_rank_world, tiny_qwen2_audio):
     from aqa.backbones import get_backbone
     from aqa.backbones.lora import apply_lora
-    from aqa.tiny import write_tiny_qwen2_audio
 
     torch.manual_seed(0)
     device = one_rank_world.device
     precision = resolve_precision("auto", device)  # fp32 on CPU; on a GPU machine bf16, as the recipe runs
     dtype = model_dtype(precision)
-    backbone = get_backbone("qwen2_audio").from_pretrained(write_tiny_qwen2_audio(tmp_path / "tiny"), device=device,
-                                                           dtype=dtype)
+    backbone = get_backbone("qwen2_audio").from_pretrained(tiny_qwen2_audio, device=device, dtype=dtype)
     cfg = _cfg("batch.global_size=2", "batch.micro_size=1", "optim.lr=0.01", "lora.dropout=0.0")
     model = apply_lora(backbone, cfg.lora)
     engine, _, ds = build_engine(model, cfg.deepspeed_config, cfg.batch, cfg.optim, 1, precision, total=10)
