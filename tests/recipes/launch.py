@@ -1,4 +1,4 @@
-"""Helpers shared by the recipe tests: the users' launch commands, run on CPU with the sizes of a test.
+"""How every recipe test launches the users' commands: on CPU, with the sizes of a test.
 
 Recipe tests run the real scripts as subprocesses (``deepspeed --num_gpus 2 train/sft.py ...``,
 ``python inference/run.py ...``) over a tiny synthetic data set, so these helpers only build command
@@ -10,7 +10,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
+import torch
 
 from aqa.runtime.distributed import free_port
 from tests.helpers import ROOT
@@ -33,19 +37,47 @@ def synth_data(out: Path, train: int = 24, dev: int = 8, eval_: int = 4) -> Path
     return out
 
 
-def run_checked(cmd: list[str], timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
-    """Run ``cmd`` from the repo root; a non-zero exit fails the test with the command and both output tails."""
+def run_checked(cmd: list[str], timeout: int = 600, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """Run ``cmd`` from the repo root; a non-zero exit fails the test with the command and both output tails.
+
+    ``check=False``: return whatever the command did, for a test that wants it to fail."""
     proc = subprocess.run(cmd, cwd=ROOT, env=recipe_env(**env), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert not check or proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
 
-def deepspeed(script: str, *args: str, ranks: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``deepspeed --num_gpus RANKS --master_port FREE SCRIPT ARGS...``: ranks on CPU (gloo), checked."""
+def deepspeed(script: str, *args: str, ranks: int = 2, timeout: int = 600, check: bool = True,
+              **env: str) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus RANKS --master_port FREE SCRIPT ARGS...``: ranks on CPU (gloo), checked.
+
+    A free port: the launcher's default (29500) may be taken by another job on the machine."""
     return run_checked([DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), script, *args],
-                       timeout=timeout)
+                       timeout=timeout, check=check, **env)
 
 
-def python(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def python(script: str, *args: str, timeout: int = 600, check: bool = True, **env: str) -> subprocess.CompletedProcess:
     """``python SCRIPT ARGS...`` with this interpreter, checked."""
-    return run_checked([sys.executable, script, *args], timeout=timeout)
+    return run_checked([sys.executable, script, *args], timeout=timeout, check=check, **env)
+
+
+def run_once(launch: Callable[..., subprocess.CompletedProcess], name: str = "full"):
+    """A module-scoped fixture: ``launch(assets, <assets root>/NAME)`` run once; its value is that run dir, which
+    every test of the module reads."""
+
+    @pytest.fixture(scope="module")
+    def run(assets) -> Path:
+        out = assets["root"] / name
+        launch(assets, out)
+        return out
+
+    return run
+
+
+def favour_letters(embed_tokens: torch.nn.Embedding, lm_head: torch.nn.Linear, tokenizer, tokens: list[str]) -> None:
+    """Nudge a tiny random model to answer with option letters: hidden dimension 0 made always positive at every
+    text position feeds the output rows of ``tokens``. A random model otherwise never names an option, every GRPO
+    group scores 0, and each round is a no-op."""
+    with torch.no_grad():
+        embed_tokens.weight[:, 0] = 10.0
+        for token in tokens:
+            lm_head.weight[tokenizer.convert_tokens_to_ids(token), 0] = 1.0

@@ -9,25 +9,21 @@ option, every GRPO group scores 0 and each round is a no-op.
 
 import json
 import math
-import os
 import random
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from aqa.data.manifest import Record, write_dataset_info, write_jsonl
-from aqa.runtime.distributed import free_port
 from aqa.runtime.logging import read_metrics
 from aqa.tiny import IM_END, build_tiny_text_llm
-from tests.helpers import ROOT
+from tests.helpers import assert_files
+from tests.recipes.launch import deepspeed, favour_letters, python
 
 pytestmark = pytest.mark.slow
 
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 SOUNDS = ["Dog bark", "Siren", "Rain", "Bell", "Engine hum"]
 
 
@@ -50,10 +46,7 @@ def _events_split(split: str, n: int, rng: random.Random) -> list[Record]:
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("cascade")
     model, tok = build_tiny_text_llm(seed=0)
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, 0] = 10.0  # hidden dim 0 > 0 at every position
-        for token in [*"ABCD", IM_END]:
-            model.lm_head.weight[tok.convert_tokens_to_ids(token), 0] = 1.0
+    favour_letters(model.model.embed_tokens, model.lm_head, tok, [*"ABCD", IM_END])
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     data = root / "events"
@@ -66,13 +59,8 @@ def assets(tmp_path_factory):
 
 def launch(script: str, config: str, *overrides: str, ranks: int = 2) -> subprocess.CompletedProcess:
     """The user's command (``deepspeed --num_gpus N script --config ...``), CPU even where a GPU exists."""
-    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), script, "--config", config,
-           "logging.report_to=[]", "logging.every_steps=1", "progress=false", *overrides]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu",
-           "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+    return deepspeed(script, "--config", config, "logging.report_to=[]", "logging.every_steps=1", "progress=false",
+                     *overrides, ranks=ranks, OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +84,8 @@ def grpo_run(assets, sft_run):
 
 
 def test_sft_trains_every_lora_tensor_without_reading_audio(sft_run, assets):
-    for name in ("config.yaml", "ds_config.json", "metrics.jsonl", "adapter/adapter_model.safetensors",
-                 "adapter/adapter_config.json"):
-        assert (sft_run / name).is_file(), name
+    assert_files(sft_run, "config.yaml", "ds_config.json", "metrics.jsonl",
+                 "adapter/adapter_model.safetensors", "adapter/adapter_config.json")
     assert not (sft_run / "feature_cache").exists()  # no audio: no cache was built
     train = read_metrics(sft_run / "metrics.jsonl", kind="train")
     assert [r["step"] for r in train] == [1, 2, 3, 4]
@@ -159,12 +146,9 @@ def test_grpo_moves_every_grpo_lora_tensor_and_keeps_the_sft_half(grpo_run, sft_
 
 def test_inference_scores_the_grpo_member(grpo_run, assets):
     out = assets["root"] / "infer"
-    cmd = [sys.executable, "inference/run.py", "--config", "configs/demo/cascade_infer.yaml", "--split", "dev",
+    python("inference/run.py", "--config", "configs/demo/cascade_infer.yaml", "--split", "dev",
            f"model_path={assets['model']}", f"adapter={grpo_run / 'adapter'}", f"data_dir={assets['data']}",
-           f"output_dir={out}", "model_name=cascade_grpo", "permutations=3", "progress=false"]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+           f"output_dir={out}", "model_name=cascade_grpo", "permutations=3", "progress=false")
     metrics = json.loads((out / "dev" / "metrics.json").read_text())
     assert metrics["counts"] == {"tsqa": 8} and metrics["permutations"] == 3
     rows = [json.loads(line) for line in (out / "dev" / "predictions.jsonl").read_text().splitlines()]

@@ -5,11 +5,7 @@ through one always-positive hidden dimension): a random model otherwise never na
 group would score 0, and each round would be a no-op. The SFT adapter is random LoRA weights.
 """
 
-import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,9 +15,10 @@ from safetensors.torch import load_file
 from aqa.backbones import get_backbone
 from aqa.backbones.lora import LoraConfig, apply_lora
 from aqa.runtime.checkpoint import save_adapter
-from aqa.runtime.distributed import free_port
+from aqa.runtime.logging import read_metrics
 from aqa.tiny import IM_END, build_tiny_qwen2_audio
-from tests.helpers import ROOT
+from tests.helpers import assert_files
+from tests.recipes.launch import deepspeed, favour_letters, python, synth_data
 
 CONFIG = "configs/demo/qwen2_audio_grpo.yaml"
 SFT_R = 4
@@ -31,11 +28,7 @@ pytestmark = pytest.mark.slow
 
 def _letter_prone_tiny(out: Path) -> Path:
     model, processor = build_tiny_qwen2_audio(seed=0)
-    tok = processor.tokenizer
-    with torch.no_grad():
-        model.model.language_model.embed_tokens.weight[:, 0] = 10.0  # hidden dim 0 > 0 at text positions
-        for token in [*"ABCDE", IM_END]:
-            model.lm_head.weight[tok.convert_tokens_to_ids(token), 0] = 1.0
+    favour_letters(model.model.language_model.embed_tokens, model.lm_head, processor.tokenizer, [*"ABCDE", IM_END])
     model.save_pretrained(out)
     processor.save_pretrained(out)
     processor.feature_extractor.save_pretrained(out)
@@ -54,30 +47,21 @@ def setup(tmp_path_factory):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     sft_dir = save_adapter(bb.model, root / "sft" / "adapter")
-    subprocess.run([sys.executable, "-m", "data_prep.synth", "--out", str(root / "data"), "--train", "24",
-                    "--dev", "8", "--eval", "4"], cwd=ROOT, env=_env(), check=True, capture_output=True)
-    return {"root": root, "model": model_dir, "sft": sft_dir, "data": root / "data", "cache": root / "cache"}
+    return {"root": root, "model": model_dir, "sft": sft_dir, "data": synth_data(root / "data"),
+            "cache": root / "cache"}
 
 
-def _env():
-    return {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-
-
-def _run(setup, out: Path, *overrides: str, launcher=("deepspeed", "--num_gpus", "2")) -> subprocess.CompletedProcess:
-    exe = shutil.which(launcher[0], path=str(Path(sys.executable).parent)) if launcher[0] == "deepspeed" else None
-    # a free port: the launcher's default (29500) may be taken by another job on the machine
-    port = ["--master_port", str(free_port())] if exe else []
-    cmd = ([exe, *port, *launcher[1:]] if exe else [sys.executable]) + [
-        "train/grpo.py", "--config", CONFIG, f"model_path={setup['model']}", f"sft_adapter={setup['sft']}",
-        f"data_dir={setup['data']}", f"output_dir={out}", f"cache_dir={setup['cache']}", "max_steps=4",
-        "batch.per_device=4", "grpo.sampling.max_new_tokens=1", "logging.every_steps=1", "logging.report_to=[]",
-        "eval.every_steps=0", "eval.limit=4", "checkpoint.every_steps=2", "progress=false", *overrides]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+def _run(setup, out: Path, *overrides: str, launcher=deepspeed, check=True) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus 2 train/grpo.py`` (or ``launcher=python``: one process) with a test's sizes."""
+    return launcher("train/grpo.py", "--config", CONFIG, f"model_path={setup['model']}", f"sft_adapter={setup['sft']}",
+                    f"data_dir={setup['data']}", f"output_dir={out}", f"cache_dir={setup['cache']}", "max_steps=4",
+                    "batch.per_device=4", "grpo.sampling.max_new_tokens=1", "logging.every_steps=1",
+                    "logging.report_to=[]", "eval.every_steps=0", "eval.limit=4", "checkpoint.every_steps=2",
+                    "progress=false", *overrides, check=check, OMP_NUM_THREADS="1")
 
 
 def _rows(run_dir: Path, kind="train"):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if json.loads(line)["kind"] == kind]
+    return read_metrics(run_dir / "metrics.jsonl", kind=kind)
 
 
 def _grpo_part(adapter_dir: Path) -> dict:
@@ -90,8 +74,7 @@ def _grpo_part(adapter_dir: Path) -> dict:
 
 def test_two_cpu_ranks_train_and_resume_after_a_kill(setup):
     full = setup["root"] / "full"
-    res = _run(setup, full)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = _run(setup, full)  # checked: a failure shows the command and both output tails
     assert "2 rank(s) on cpu" in res.stdout
     rows = _rows(full)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -102,9 +85,9 @@ def test_two_cpu_ranks_train_and_resume_after_a_kill(setup):
         assert 0 <= r["clip_frac"] <= 1 and r["kl"] >= 0
     for key in ("reward_mean", "reward_std", "zero_std_frac", "completion_len"):
         assert all(key in r for r in rows)
-    for name in ("config.yaml", "ds_config.json", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
-                 "checkpoints/step_00000002/COMPLETE", "checkpoints/step_00000004/adapter/adapter_config.json"):
-        assert (full / name).is_file(), name
+    assert_files(full, "config.yaml", "ds_config.json", "adapter/adapter_model.safetensors",
+                 "adapter/adapter_config.json", "checkpoints/step_00000002/COMPLETE",
+                 "checkpoints/step_00000004/adapter/adapter_config.json")
 
     # every GRPO LoRA tensor moved between step 2 and step 4; the SFT half is the SFT adapter, untouched
     mid, end = _grpo_part(full / "checkpoints/step_00000002/adapter"), _grpo_part(full / "adapter")
@@ -118,11 +101,9 @@ def test_two_cpu_ranks_train_and_resume_after_a_kill(setup):
 
     # killed after step 2 (as a preempted job), relaunched: continues the same run to the same weights
     resumed = setup["root"] / "resumed"
-    first = _run(setup, resumed, "checkpoint.stop_at_step=2")
-    assert first.returncode == 0, first.stderr[-3000:]
+    _run(setup, resumed, "checkpoint.stop_at_step=2")
     assert [r["step"] for r in _rows(resumed)] == [1, 2]
     second = _run(setup, resumed)
-    assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from step_00000002" in second.stdout
     assert [r["step"] for r in _rows(resumed)] == [1, 2, 3, 4]
     again = _grpo_part(resumed / "adapter")
@@ -134,14 +115,14 @@ def test_two_cpu_ranks_train_and_resume_after_a_kill(setup):
 def test_flat_rewards_make_logged_noop_rounds(setup):
     out = setup["root"] / "flat"
     # near-greedy sampling: the G answers of a question are identical, so every group has zero variance
-    res = _run(setup, out, "max_steps=2", "grpo.sampling.temperature=0.0001", launcher=("python",))
-    assert res.returncode == 0, res.stderr[-3000:]
+    _run(setup, out, "max_steps=2", "grpo.sampling.temperature=0.0001", launcher=python)
     rows = _rows(out)
     assert [r["noop"] for r in rows] == [1.0, 1.0] and all(r["zero_std_frac"] == 1.0 for r in rows)
     assert (out / "adapter/adapter_model.safetensors").is_file()
 
 
 def test_missing_sft_adapter_is_a_clear_error(setup):
-    res = _run(setup, setup["root"] / "bad", f"sft_adapter={setup['root'] / 'no_such_adapter'}", launcher=("python",))
+    res = _run(setup, setup["root"] / "bad", f"sft_adapter={setup['root'] / 'no_such_adapter'}", launcher=python,
+               check=False)
     assert res.returncode != 0
     assert "Train SFT first" in res.stderr

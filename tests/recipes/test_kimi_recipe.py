@@ -16,6 +16,7 @@ from aqa.eval.predict import InferConfig
 from aqa.grpo.config import load_grpo_config
 from aqa.runtime.logging import read_metrics
 from aqa.sft.config import load_sft_config
+from tests.helpers import assert_files
 from tests.recipes.launch import ROOT, deepspeed, python, synth_data
 
 SFT_CONFIG = "configs/demo/kimi_audio_sft.yaml"
@@ -71,9 +72,8 @@ def sft_run(assets):
 
 @pytest.mark.slow
 def test_sft_trains_every_lora_tensor_on_the_trunk(sft_run):
-    for name in ("config.yaml", "ds_config.json", "metrics.jsonl", "adapter/adapter_model.safetensors",
-                 "adapter/adapter_config.json"):
-        assert (sft_run / name).is_file(), name
+    assert_files(sft_run, "config.yaml", "ds_config.json", "metrics.jsonl",
+                 "adapter/adapter_model.safetensors", "adapter/adapter_config.json")
     assert json.loads((sft_run / "ds_config.json").read_text())["gradient_accumulation_steps"] == 2
     train = read_metrics(sft_run / "metrics.jsonl", kind="train")
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))

@@ -4,35 +4,30 @@ must give the weights of the uninterrupted run."""
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from aqa.runtime.distributed import free_port
 from aqa.runtime.logging import read_metrics
 from aqa.sed.weights import load_sed_dir
-from tests.helpers import ROOT
+from tests.helpers import assert_files
+from tests.recipes.launch import deepspeed, run_once, synth_data
 
 pytestmark = pytest.mark.slow
 
 CONFIG = "configs/demo/cascade_sed.yaml"
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     from aqa.sed.tiny import main as tiny
-    from data_prep.synth import main as synth
 
     root = tmp_path_factory.mktemp("sed_recipe")
-    assert synth(["--out", str(root / "data"), "--train", "24", "--dev", "8", "--eval", "4", "--no-progress"]) == 0
-    raw = root / "data" / "raw"
+    raw = synth_data(root / "data") / "raw"
     assert tiny(["--out", str(root / "init"), "--labels", str(raw / "mid_to_display_name.tsv"),
                  "--drop", "Environmental noise"]) == 0
     return {"root": root, "data": root / "data", "init": root / "init"}
@@ -41,31 +36,20 @@ def assets(tmp_path_factory):
 def launch(assets, out: Path, *extra: str) -> subprocess.CompletedProcess:
     """The user's command with a test's sizes; CPU even where a GPU exists."""
     d, raw = assets["data"], assets["data"] / "raw"
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "train/sed.py", "--config", CONFIG,
-           f"init_from={assets['init']}", f"output_dir={out}", f"cache_dir={assets['root'] / 'cache'}",
-           f"data.train_manifest={d / 'train.jsonl'}", f"data.train_tsv={raw / 'strong_train.tsv'}",
-           f"data.dev_manifest={d / 'dev.jsonl'}", f"data.dev_tsv={raw / 'strong_dev.tsv'}",
-           f"max_steps={STEPS}", "batch.global_size=8", "batch.micro_size=2", "optim.warmup_steps=1",
-           "eval.every_steps=2", "checkpoint.every_steps=2", "checkpoint.keep_last=null", "logging.every_steps=1",
-           "progress=false", *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu",
-           "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+    return deepspeed("train/sed.py", "--config", CONFIG, f"init_from={assets['init']}", f"output_dir={out}",
+                     f"cache_dir={assets['root'] / 'cache'}", f"data.train_manifest={d / 'train.jsonl'}",
+                     f"data.train_tsv={raw / 'strong_train.tsv'}", f"data.dev_manifest={d / 'dev.jsonl'}",
+                     f"data.dev_tsv={raw / 'strong_dev.tsv'}", f"max_steps={STEPS}", "batch.global_size=8",
+                     "batch.micro_size=2", "optim.warmup_steps=1", "eval.every_steps=2", "checkpoint.every_steps=2",
+                     "checkpoint.keep_last=null", "logging.every_steps=1", "progress=false", *extra)
 
 
-@pytest.fixture(scope="module")
-def full_run(assets):
-    out = assets["root"] / "full"
-    launch(assets, out)
-    return out
+full_run = run_once(launch)
 
 
 def test_recipe_trains_every_tensor_and_writes_a_sed_directory(full_run, assets):
-    for name in ("config.yaml", "ds_config.json", "metrics.jsonl", "model/config.json", "model/model.safetensors",
-                 "model/labels.json"):
-        assert (full_run / name).is_file(), name
+    assert_files(full_run, "config.yaml", "ds_config.json", "metrics.jsonl", "model/config.json",
+                 "model/model.safetensors", "model/labels.json")
     ds = json.loads((full_run / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_accumulation_steps"] == 2
     steps = sorted(p.name for p in (full_run / "checkpoints").glob("step_*"))

@@ -4,9 +4,7 @@ resume to 2k that must give the adapter of the uninterrupted 2k run."""
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,53 +12,36 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from aqa.runtime.distributed import free_port
 from aqa.runtime.logging import read_metrics
-from tests.helpers import ROOT
+from tests.helpers import assert_files
+from tests.recipes.launch import deepspeed, run_once, synth_data
 
 pytestmark = pytest.mark.slow
 
 CONFIG = "configs/demo/qwen2_audio_sft.yaml"
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 STEPS = 4  # 2k, with k = 2: 4 optimizer steps of 8 questions cross the 24-question epoch once
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from aqa.tiny import write_tiny_qwen2_audio
-    from data_prep.synth import main as synth
-
+def assets(tmp_path_factory, tiny_qwen2_audio):
     root = tmp_path_factory.mktemp("sft_recipe")
-    model = write_tiny_qwen2_audio(root / "tiny", seed=0)
-    assert synth(["--out", str(root / "data"), "--train", "24", "--dev", "8", "--eval", "4", "--no-progress"]) == 0
-    return {"root": root, "model": model, "data": root / "data"}
+    return {"root": root, "model": tiny_qwen2_audio, "data": synth_data(root / "data")}
 
 
-def launch(assets, out: Path, *extra: str, ranks: int = 2) -> subprocess.CompletedProcess:
+def launch(assets, out: Path, *extra: str) -> subprocess.CompletedProcess:
     """The user's command, with the sizes of a test; CPU even where a GPU exists."""
-    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "train/sft.py",
-           "--config", CONFIG, f"model_path={assets['model']}", f"data_dir={assets['data']}",
-           f"output_dir={out}", f"cache_dir={assets['root'] / 'cache'}", f"max_steps={STEPS}",
-           "batch.global_size=8", "batch.micro_size=2", "optim.warmup_steps=1", "eval.every_steps=2",
-           "eval.limit=8", "checkpoint.every_steps=2", "logging.every_steps=1", "progress=false", *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu",
-           "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+    return deepspeed("train/sft.py", "--config", CONFIG, f"model_path={assets['model']}", f"data_dir={assets['data']}",
+                     f"output_dir={out}", f"cache_dir={assets['root'] / 'cache'}", f"max_steps={STEPS}",
+                     "batch.global_size=8", "batch.micro_size=2", "optim.warmup_steps=1", "eval.every_steps=2",
+                     "eval.limit=8", "checkpoint.every_steps=2", "logging.every_steps=1", "progress=false", *extra)
 
 
-@pytest.fixture(scope="module")
-def full_run(assets):
-    out = assets["root"] / "full"
-    launch(assets, out)
-    return out
+full_run = run_once(launch)
 
 
 def test_recipe_trains_every_lora_tensor_and_writes_the_run_dir(full_run, assets):
-    for name in ("config.yaml", "ds_config.json", "metrics.jsonl", "adapter/adapter_model.safetensors",
-                 "adapter/adapter_config.json", "wandb_id.txt"):
-        assert (full_run / name).is_file(), name
+    assert_files(full_run, "config.yaml", "ds_config.json", "metrics.jsonl",
+                 "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "wandb_id.txt")
     ds = json.loads((full_run / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_accumulation_steps"] == 2
     assert ds["bf16"]["enabled"] is False  # fp32 on CPU, chosen automatically
