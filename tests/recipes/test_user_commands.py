@@ -20,7 +20,7 @@ from tests.recipes.launch import ROOT, recipe_env
 
 # what `make` needs from the repository; the outputs (data/, runs/) land in the temporary directory
 LINKED = ["Makefile", "pyproject.toml", "requirements.lock", "aqa", "configs", "data_prep", "train", "inference",
-          "ensemble"]
+          "ensemble", "demo"]
 
 
 def test_ensemble_config_lists_every_demo_member_where_the_demo_writes_it():
