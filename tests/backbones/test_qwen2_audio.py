@@ -48,7 +48,8 @@ def test_tiny_writes_a_normal_hf_dir_that_loads_with_plain_transformers(tiny_qwe
 
 
 
-def test_tiny_cli_asks_the_registry_and_takes_overrides_after_the_options(tiny_dir, tmp_path, capsys):
+def test_tiny_cli_asks_the_registry_and_takes_overrides_after_the_options(tiny_qwen2_audio, tmp_path, capsys):
+    tiny_dir = tiny_qwen2_audio
     from aqa.backbones import backbones
     from aqa.tiny import main
 
