@@ -174,10 +174,15 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 
 def ordered_fields(cls: type) -> list[dataclasses.Field]:
-    """A config's fields with its own first (model, data, output) and inherited shared settings after."""
-    own = set(getattr(cls, "__annotations__", {}))
-    fields = dataclasses.fields(cls)
-    return [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]
+    """A config's fields as a person reads them: the required ones first (model, data, output), then each
+    class's own from the recipe's down to the shared settings it builds on."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    order: list[str] = []
+    for klass in cls.__mro__:
+        order += [n for n in getattr(klass, "__annotations__", {}) if n in fields and n not in order]
+    required = [n for n in order if fields[n].default is dataclasses.MISSING
+                and fields[n].default_factory is dataclasses.MISSING]  # type: ignore[misc]
+    return [fields[n] for n in required + [n for n in order if n not in required]]
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -1,12 +1,11 @@
 """Every YAML in configs/ opens with the command that launches it and loads into that command's config class."""
 
-from pathlib import Path
 
 import pytest
 
 from aqa.config import load_config
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 YAMLS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 

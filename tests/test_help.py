@@ -12,7 +12,7 @@ from aqa.eval.predict import InferConfig
 from aqa.grpo.config import GRPOConfig
 from aqa.sed.train import SedTrainConfig
 from aqa.sft.config import SFTConfig
-from tests.recipe_utils import ROOT, recipe_env
+from tests.recipes.launch import ROOT, recipe_env
 
 SCRIPTS = {"train/sft.py": SFTConfig, "train/grpo.py": GRPOConfig, "inference/run.py": InferConfig,
            "train/sed.py": SedTrainConfig}

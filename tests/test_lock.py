@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 from importlib import metadata
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 LOCK = ROOT / "requirements.lock"
 PIN = re.compile(r"^([A-Za-z0-9_.\-]+)==([^\s;#]+)")
 
@@ -35,7 +35,9 @@ def test_lock_pins_the_frameworks_and_leaves_torch_to_torch_spec():
 
 @pytest.mark.lockfile
 def test_installed_versions_equal_the_lock():
-    installed = {canonical(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    installed: dict[str, str] = {}
+    for dist in metadata.distributions():  # the first on sys.path is the one `import` finds: once setuptools is
+        installed.setdefault(canonical(dist.metadata["Name"]), dist.version)  # imported, its _vendor copies follow
     wrong = {name: (version, installed.get(name)) for name, version in pins().items()
              if installed.get(name) != version}
     assert not wrong, (f"installed versions differ from requirements.lock (locked, installed): {wrong}; "

@@ -13,16 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aqa.backbones.base import SamplingConfig
-from aqa.backbones.lora import LoraConfig
 from aqa.config import ConfigError, load_config
-from aqa.data.augment import AugmentConfig
-from aqa.data.prompts import PromptConfig
 from aqa.rl.rewards import check_weights
 from aqa.runtime.sections import (
     BatchConfig,
-    EvalConfig,
-    RunSettings,
 )
+from aqa.sft.config import QATrainSettings
 
 
 @dataclass
@@ -47,23 +43,12 @@ class GRPOBatchConfig:
 
 
 @dataclass(kw_only=True)
-class GRPOConfig(RunSettings):
+class GRPOConfig(QATrainSettings):
     """The ``train/grpo.py`` config. Sections shared with SFT have the same meaning there."""
 
-    model_path: str  # the base model directory SFT was trained on
     sft_adapter: str  # <sft output_dir>/adapter: the starting policy and the reference
-    data_dir: str  # manifest directory with <split>.jsonl and dataset.json
-    output_dir: str  # the run dir
-    backbone: str = "qwen2_audio"  # registered backbone: qwen2_audio, kimi_audio, text_llm
-    train_split: str = "train"  # <data_dir>/<train_split>.jsonl is trained on (must have answers)
-    dev_split: str | None = "dev"  # dev accuracy is scored on it; None: no evaluation
-    cache_dir: str | None = None  # feature cache (None: <output_dir>/feature_cache)
     grpo: GRPOSection = field(default_factory=GRPOSection)
     batch: GRPOBatchConfig = field(default_factory=GRPOBatchConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         g = self.grpo

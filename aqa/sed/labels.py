@@ -130,16 +130,13 @@ def read_display_names(path: str | Path) -> dict[str, str]:
             if "mid" not in row or "display_name" not in row:
                 raise LabelMapError(f"{path} needs the header index,mid,display_name.")
             names[row["mid"].strip()] = row["display_name"].strip()
-    else:
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            cols = line.split("\t")
-            if len(cols) != 2:
-                raise LabelMapError(f"{path}:{lineno}: expected 'mid<TAB>display_name'.")
-            if lineno == 1 and cols[0].strip().lower() == "mid":
-                continue
-            names[cols[0].strip()] = cols[1].strip()
+    else:  # the AudioSet-Strong TSV, read as the temporal-QA converter reads it
+        from aqa.data.temporal_qa import AnnotationError, read_label_map
+
+        try:
+            names = read_label_map(path)
+        except AnnotationError as err:
+            raise LabelMapError(str(err)) from None
     if not names:
         raise LabelMapError(f"{path} holds no names.")
     return names

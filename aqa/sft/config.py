@@ -21,21 +21,28 @@ from aqa.runtime.sections import (
 
 
 @dataclass(kw_only=True)
-class SFTConfig(RunSettings):
-    """The ``train/sft.py`` config: top-level run settings plus one section per concern."""
+class QATrainSettings(RunSettings):
+    """What SFT and GRPO both train on: the model, the question data and the run dir, LoRA, augmentation,
+    prompts and dev evaluation."""
 
     model_path: str  # HF model directory (tiny or 7B)
     data_dir: str  # manifest directory with <split>.jsonl and dataset.json
     output_dir: str  # the run dir
     backbone: str = "qwen2_audio"  # registered backbone: qwen2_audio, kimi_audio, text_llm
     train_split: str = "train"  # <data_dir>/<train_split>.jsonl is trained on (must have answers)
-    dev_split: str | None = "dev"  # None: no evaluation
+    dev_split: str | None = "dev"  # dev accuracy is scored on it; None: no evaluation
     cache_dir: str | None = None  # feature cache (None: <output_dir>/feature_cache)
-    batch: BatchConfig = field(default_factory=BatchConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass(kw_only=True)
+class SFTConfig(QATrainSettings):
+    """The ``train/sft.py`` config: top-level run settings plus one section per concern."""
+
+    batch: BatchConfig = field(default_factory=BatchConfig)
 
     def __post_init__(self) -> None:
         positive = {"batch.global_size": self.batch.global_size, "batch.micro_size": self.batch.micro_size,

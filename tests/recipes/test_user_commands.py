@@ -1,0 +1,105 @@
+"""The README's user commands after the demo: ``make demo`` (at smoke size), then ``make ensemble``,
+``make sft``, ``make grpo`` and ``make infer`` with their default configs, in a fresh working directory.
+
+A default config that points at a file the demo no longer writes (a renamed member, a moved output)
+fails here, not in a user's terminal. ``configs/ensemble.yaml`` must list exactly the demo's members.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from demo.run import build_members
+from tests.recipes.launch import ROOT, recipe_env
+
+# what `make` needs from the repository; the outputs (data/, runs/) land in the temporary directory
+LINKED = ["Makefile", "pyproject.toml", "requirements.lock", "aqa", "configs", "data_prep", "train", "inference",
+          "ensemble", "demo"]
+
+
+def test_ensemble_config_lists_every_demo_member_where_the_demo_writes_it():
+    cfg = yaml.safe_load((ROOT / "configs" / "ensemble.yaml").read_text(encoding="utf-8"))
+    members = build_members(sys.executable, ["deepspeed"])
+    assert [m["name"] for m in cfg["members"]] == [m.name for m in members]
+    for entry, member in zip(cfg["members"], members):
+        for split in ("dev", "eval"):
+            assert entry[split] == f"{member.run_dir}/infer/{split}/predictions.jsonl"
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("user")
+    for name in LINKED:
+        (work / name).symlink_to(ROOT / name)
+    make(work, "demo", "DEMO_ARGS=--smoke")
+    return work
+
+
+def make(work: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``make ARGS`` in ``work`` with this interpreter's environment as the venv (never rebuilt here)."""
+    venv = Path(sys.prefix)
+    stamp = venv / ".installed"
+    cmd = ["make", "--no-print-directory", f"VENV={venv}", "-o", str(stamp), *args]
+    env = recipe_env()
+    env.pop("PYTHONPATH")  # the Makefile sets it to the working directory
+    proc = subprocess.run(cmd, cwd=work, env={**env, "MAKEFLAGS": ""}, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.mark.slow
+def test_make_ensemble_fuses_every_demo_member(demo_dir):
+    report = json.loads((demo_dir / "runs/demo/report.json").read_text(encoding="utf-8"))
+    demo_members = [m["name"] for m in report["members"]]
+    assert len(demo_members) == 4
+    (demo_dir / "runs/demo/ensemble/ensemble.json").unlink()
+    make(demo_dir, "ensemble")
+    fitted = json.loads((demo_dir / "runs/demo/ensemble/ensemble.json").read_text(encoding="utf-8"))
+    assert fitted["members"] == demo_members
+    assert len(fitted["weights"]) == len(demo_members)
+    assert (demo_dir / "runs/demo/ensemble/submission.csv").is_file()
+
+
+@pytest.mark.slow
+def test_make_sft_and_grpo_continue_the_demo_runs(demo_dir):
+    # GRPO first: it starts from the SFT adapter the demo wrote, which `make sft` then moves on
+    for target, run in (("grpo", "qwen2_audio_grpo"), ("sft", "qwen2_audio_sft")):
+        make(demo_dir, target, "ARGS=max_steps=3 eval.every_steps=0 checkpoint.every_steps=0 progress=false")
+        lines = [json.loads(x) for x in (demo_dir / f"runs/demo/{run}/metrics.jsonl").read_text().splitlines()]
+        steps = [x["step"] for x in lines if x.get("kind", "train") == "train" and "step" in x]
+        assert steps and max(steps) == 3, (target, steps)  # resumed from the demo's step 2 and ran one more
+        assert (demo_dir / f"runs/demo/{run}/adapter/adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_make_infer_scores_dev_with_the_default_config(demo_dir):
+    out = demo_dir / "runs/demo/qwen2_audio_sft/infer/dev"
+    for name in ("predictions.jsonl", "metrics.json", "submission.csv"):
+        (out / name).unlink()
+    make(demo_dir, "infer")
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 24  # the smoke demo's dev split
+    assert json.loads((out / "metrics.json").read_text(encoding="utf-8"))["weighted_mean"] >= 0
+    assert len((out / "submission.csv").read_text().splitlines()) == 25  # header + one row per question
+
+
+@pytest.mark.slow
+def test_demo_report_shows_eval_intervals_and_the_audio_floors(demo_dir):
+    report = json.loads((demo_dir / "runs/demo/report.json").read_text(encoding="utf-8"))
+    floor = report["text_only_floor"]["eval"]
+    assert floor["n"] == 24 and floor["interval"][0] <= floor["weighted_mean"] <= floor["interval"][1]
+    for m in report["members"]:
+        ev = m["metrics"]["eval"]
+        assert ev["n"] == 24 and ev["interval"][0] <= ev["weighted_mean"] <= ev["interval"][1]
+        assert 0 < m["chance"]["eval"] < 1
+        if m["name"] != "cascade_grpo":  # the cascade reads events; its floor is the text-only one
+            assert m["silent_audio"]["eval"]["n"] == 24
+    text = (demo_dir / "runs/demo/report.md").read_text(encoding="utf-8")
+    assert "## Eval accuracy (%), with how much the audio matters" in text
+    assert "| **ensemble** (fitted on dev) |" in text
