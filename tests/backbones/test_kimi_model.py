@@ -204,8 +204,8 @@ def test_features_go_through_the_feature_cache(backbone, tmp_path):
     assert settings_hash(other) != settings_hash(backbone.feature_settings())
 
 
-def test_a_fed_text_id_0_skips_the_text_stream_per_row_as_the_official_forward(release):
-    lm = unwrap(get_backbone("kimi_audio").from_pretrained(release).model).lm.eval()
+def test_a_fed_text_id_0_skips_the_text_stream_per_row_as_the_official_forward(tiny_kimi_audio):
+    lm = unwrap(get_backbone("kimi_audio").from_pretrained(tiny_kimi_audio).model).lm.eval()
     trunk, blank = lm.model, lm.config.kimia_text_blank
     audio = torch.full((2, 1), blank)
     text = torch.tensor([[0], [5]])  # a decoding step: row 0 was fed text id 0, row 1 an ordinary id
@@ -223,7 +223,8 @@ def test_a_fed_text_id_0_skips_the_text_stream_per_row_as_the_official_forward(r
         assert not torch.allclose(both[0], added, atol=1e-4)
 
 
-def test_exported_config_writes_rope_theta_auto_map_and_the_glm_ema_decay(release, tmp_path):
+def test_exported_config_writes_rope_theta_auto_map_and_the_glm_ema_decay(tiny_kimi_audio, tmp_path):
+    release = tiny_kimi_audio
     raw = json.loads((release / "config.json").read_text())  # as plain JSON, the way any other reader sees it
     assert raw["rope_theta"] == raw["rope_parameters"]["rope_theta"]
     assert raw["auto_map"]["AutoModelForCausalLM"] == "modeling_moonshot_kimia.MoonshotKimiaForCausalLM"

@@ -208,11 +208,13 @@ def test_nonfinite_budget_is_finite_by_default_and_an_applied_nan_step_is_caught
         confirm_skipped(engine, 3, nonfinite=1)
 
 
-def test_bf16_export_stays_within_bf16_rounding_of_the_trained_policy(tiny_dir, sft_dir, tmp_path):
+def test_bf16_export_stays_within_bf16_rounding_of_the_trained_policy(tiny_qwen2_audio, sft_dir, tmp_path):
     """In bf16 the policy trains on the SFT adapter merged into rounded weights, while the exported stacked
     adapter sits on the unrounded base: measured here, the two differ by a few bf16 ulps of the answer logits
     (0.06 on logits of scale 3), far less than bf16 itself moves the same policy away from fp32 (about 2)."""
     from peft import PeftModel
+
+    tiny_dir = tiny_qwen2_audio
 
     logits = {}
     for dtype in (torch.float32, torch.bfloat16):
