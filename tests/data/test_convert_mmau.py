@@ -130,3 +130,16 @@ def test_normalise_category():
     assert normalise_category(["Reasoning"]) == "Reasoning" == normalise_category(" Reasoning ")
     assert normalise_category(["Reasoning", "Reasoning", "Information Extraction"]) == "Reasoning / Information Extraction"
     assert normalise_category([]) is None and normalise_category(None) is None
+
+
+def test_every_test_mini_question_is_kept_for_evaluation(tmp_path, items, capsys):
+    """With audio for all 1000 items, the dev conversion keeps all 1000 (published MMAU figures are over all
+    of them), the 27 with repeated options included."""
+    root = tmp_path / "mmau"
+    for item in items:
+        write_sine(root / item["audio_id"], seconds=0.06)
+    assert main(["--src", str(FIXTURE), "--audio-root", str(root), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    kept = load_manifest(tmp_path / "out" / "dev.jsonl").records
+    assert len(kept) == 1000 and not read_jsonl(tmp_path / "out" / "quarantine.jsonl")
+    assert sum(has_duplicate_choices(it) for it in items) == 27
+    assert "in=1000 kept=1000 quarantined=0" in capsys.readouterr().out
