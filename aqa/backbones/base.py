@@ -10,6 +10,7 @@ Shapes: B questions, G completions per question (GRPO), K option orders, N optio
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -127,18 +128,25 @@ class Backbone(ABC):
         """Write the processor/tokenizer files next to an exported model."""
 
     # -- tools: tiny models (python -m aqa.tiny) and checkpoint checks (python -m aqa.check_checkpoint) ------
+    # A tiny random-init model of this backbone (``python -m aqa.tiny NAME``): the dataclass of its sizes and
+    # ``writer(out_dir, seed=, spec=)``; None where the backbone has none.
+    tiny_spec_class: ClassVar[type | None] = None
+    tiny_writer: ClassVar[Callable[..., Path] | None] = None
+
     @classmethod
     def tiny_spec(cls) -> type | None:
         """The dataclass of a tiny model's sizes (the ``key=value`` keys of ``python -m aqa.tiny NAME``),
-        or None (the default) when this backbone has no tiny model writer."""
-        return None
+        or None when this backbone has no tiny model writer."""
+        return cls.tiny_spec_class
 
     @classmethod
     def write_tiny(cls, out_dir: str | Path, seed: int = 0, spec: Any = None) -> Path:
         """Write a tiny random-init model of ``spec``'s sizes (an instance of ``tiny_spec()``, None: its
         defaults) to ``out_dir``, laid out as the real checkpoint so ``from_pretrained`` loads it.
         Same seed and spec, same bytes. Returns ``out_dir``."""
-        raise NotImplementedError(f"{cls.name} has no tiny model writer")
+        if cls.tiny_writer is None:
+            raise NotImplementedError(f"{cls.name} has no tiny model writer")
+        return cls.tiny_writer(out_dir, seed=seed, spec=spec)
 
     @classmethod
     def checkpoint_checker(cls) -> CheckpointChecker | None:

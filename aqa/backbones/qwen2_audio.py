@@ -42,6 +42,8 @@ class Qwen2AudioBackbone(ChatLMBackbone):
     name = "qwen2_audio"
     spec_augment_key = "input_features"
     model_types = ("qwen2_audio",)
+    tiny_spec_class = TinyQwen2AudioSpec
+    tiny_writer = staticmethod(write_tiny_qwen2_audio)
 
     def __init__(self, model: nn.Module, processor: Any, prompt: PromptConfig | None = None):
         self.model = model
@@ -78,14 +80,6 @@ class Qwen2AudioBackbone(ChatLMBackbone):
         model = Qwen2AudioForConditionalGeneration.from_pretrained(path, dtype=dtype, use_safetensors=True)
         processor = Qwen2AudioProcessor.from_pretrained(path)
         return cls(model.to(device), processor, prompt)
-
-    @classmethod
-    def tiny_spec(cls) -> type[TinyQwen2AudioSpec]:
-        return TinyQwen2AudioSpec
-
-    @classmethod
-    def write_tiny(cls, out_dir, seed=0, spec=None) -> Path:
-        return write_tiny_qwen2_audio(out_dir, seed=seed, spec=spec)
 
     def save_processor(self, out_dir: str | Path) -> None:
         self.processor.save_pretrained(out_dir)

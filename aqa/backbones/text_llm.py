@@ -64,6 +64,8 @@ class TextLLMBackbone(ChatLMBackbone):
     # None claimed: it loads any text causal LM transformers knows, and a 'qwen2' or 'llama' config.json
     # does not say the checkpoint is meant as the cascade's answerer, so aqa.export asks for --backbone.
     model_types = ()
+    tiny_spec_class = TinyQwen2TextSpec
+    tiny_writer = staticmethod(write_tiny_text_llm)
 
     def __init__(self, model: nn.Module, tokenizer: Any, prompt: PromptConfig | None = None):
         self.model = model
@@ -109,14 +111,6 @@ class TextLLMBackbone(ChatLMBackbone):
             raise ValueError(f"{path} has no chat template (chat_template.jinja or tokenizer_config.json): text_llm "
                              "renders prompts with the checkpoint's own template; use an -Instruct checkpoint.")
         return cls(model.to(device), tokenizer, prompt)
-
-    @classmethod
-    def tiny_spec(cls) -> type[TinyQwen2TextSpec]:
-        return TinyQwen2TextSpec
-
-    @classmethod
-    def write_tiny(cls, out_dir, seed=0, spec=None) -> Path:
-        return write_tiny_text_llm(out_dir, seed=seed, spec=spec)
 
     def save_processor(self, out_dir: str | Path) -> None:
         self.tokenizer.save_pretrained(out_dir)

@@ -86,6 +86,8 @@ class KimiAudioBackbone(Backbone):
     name = "kimi_audio"
     spec_augment_key = "whisper_mel"
     model_types = (MODEL_TYPE,)  # the release's moonshot_kimia: not ours to rename
+    tiny_spec_class = TinyKimiAudioSpec
+    tiny_writer = staticmethod(write_tiny_kimi_audio)
 
     def __init__(self, model: KimiAudio, tokenizer: KimiTextTokenizer, speech_tokenizer: GlmSpeechTokenizer,
                  whisper_fe, prompt: PromptConfig | None = None):
@@ -117,15 +119,6 @@ class KimiAudioBackbone(Backbone):
             raise ValueError(f"Whisper windows ({fe.n_samples} samples) and speech-tokenizer windows "
                              f"({speech.window_samples}) must nest, or token counts drift apart.")
         return cls(model, tokenizer, speech, fe, prompt)
-
-    @classmethod
-    def tiny_spec(cls) -> type[TinyKimiAudioSpec]:
-        return TinyKimiAudioSpec
-
-    @classmethod
-    def write_tiny(cls, out_dir, seed=0, spec=None) -> Path:
-        """A tiny random-init release directory (``tiny.py``), loaded by exactly the 7B's loader."""
-        return write_tiny_kimi_audio(out_dir, seed=seed, spec=spec)
 
     @classmethod
     def checkpoint_checker(cls) -> CheckpointChecker:
