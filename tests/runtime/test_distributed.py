@@ -116,7 +116,7 @@ def test_collectives_over_two_gloo_processes(tmp_path):
 
 def test_plain_python_start_makes_a_world_of_one():
     """`python train/sft.py` sets no launcher variables: init() creates them, on a free port, and DeepSpeed joins."""
-    code = ("import os; from aqa import distributed; info = distributed.init(); "
+    code = ("import os; from aqa.runtime import distributed; info = distributed.init(); "
             "import deepspeed.comm as dc; "
             "print('RESULT', info.rank, info.world_size, info.backend, os.environ['WORLD_SIZE'], dc.get_world_size()); "
             "distributed.cleanup()")
