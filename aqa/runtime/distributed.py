@@ -119,9 +119,18 @@ def init(timeout_minutes: float = 30.0, use_deepspeed: bool = True) -> DistInfo:
 
 
 def cleanup() -> None:
-    """Leave the process group (end of a run), so the launcher sees a clean exit."""
+    """Leave the process group (end of a run), so the launcher sees a clean exit, and remove this rank's
+    DeepSpeed CPU all-reduce buffer from /dev/shm (about 69 MB, named by master address, port and local rank,
+    never removed by DeepSpeed: with a fresh port per run they would fill the machine's memory)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    addr, port, local = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), os.environ.get("LOCAL_RANK")
+    if addr and port and local is not None:
+        import glob
+
+        for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{local}"):
+            with contextlib.suppress(OSError):
+                os.remove(path)
 
 
 def world_size() -> int:
