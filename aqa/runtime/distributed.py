@@ -110,6 +110,8 @@ def init(timeout_minutes: float = 30.0, use_deepspeed: bool = True) -> DistInfo:
         if use_deepspeed:
             import deepspeed
 
+            if device.type == "cpu":
+                _without_shm_allreduce_op()
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout,
                                        verbose=False)
         else:
@@ -118,19 +120,24 @@ def init(timeout_minutes: float = 30.0, use_deepspeed: bool = True) -> DistInfo:
                     device=device, backend=backend)
 
 
+def _without_shm_allreduce_op() -> None:
+    """Keep DeepSpeed from JIT-building its CPU shared-memory all-reduce op when it joins a CPU group.
+
+    That op serves only DeepSpeed's tensor-parallel ``inference_all_reduce``, which no recipe calls; every
+    all-reduce here goes through gloo. Building it costs a C++ compile at the first launch on a machine,
+    leaves a ~69 MB buffer per rank in /dev/shm that DeepSpeed never removes, and a launch killed during the
+    compile leaves the build's lock file behind, after which every later launch waits on that lock forever.
+    """
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def cleanup() -> None:
-    """Leave the process group (end of a run), so the launcher sees a clean exit, and remove this rank's
-    DeepSpeed CPU all-reduce buffer from /dev/shm (about 69 MB, named by master address, port and local rank,
-    never removed by DeepSpeed: with a fresh port per run they would fill the machine's memory)."""
+    """Leave the process group (end of a run), so the launcher sees a clean exit."""
     if dist.is_initialized():
         dist.destroy_process_group()
-    addr, port, local = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), os.environ.get("LOCAL_RANK")
-    if addr and port and local is not None:
-        import glob
-
-        for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{local}"):
-            with contextlib.suppress(OSError):
-                os.remove(path)
 
 
 def world_size() -> int:

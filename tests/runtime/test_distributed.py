@@ -127,3 +127,38 @@ def test_plain_python_start_makes_a_world_of_one():
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = next(li for li in proc.stdout.splitlines() if li.startswith("RESULT"))
     assert line.split()[1:] == ["0", "1", "gloo", "1", "1"]
+
+
+def test_deepspeed_cpu_group_builds_no_shm_op_and_ignores_a_stale_build_lock(tmp_path):
+    """Two ranks join through deepspeed.init_distributed on the CPU with a build lock left in the extensions
+    folder by a launch killed mid-compile. DeepSpeed's shared-memory all-reduce op is not built, so nothing waits
+    on that lock (before, every later launch hung there) and no buffer is left in /dev/shm."""
+    import glob
+
+    ext = tmp_path / "torch_extensions"
+    for sub in ("py311_cpu", ""):
+        (ext / sub / "deepspeed_shm_comm").mkdir(parents=True, exist_ok=True)
+        (ext / sub / "deepspeed_shm_comm" / "lock").touch()
+    code = ("import torch; from aqa.runtime import distributed; info = distributed.init(); "
+            "t = distributed.all_reduce_sum(torch.tensor([1.0 + info.rank])); "
+            "import deepspeed.comm as dc; "
+            "print('RESULT', info.rank, t.item(), dc.get_world_size()); distributed.cleanup()")
+    port = str(distributed.free_port())
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PYTHONPATH": str(ROOT),
+               "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(ext)}
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        outs = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (stdout, stderr) in zip(procs, outs):
+        assert p.returncode == 0, stderr[-2000:]
+        assert "deepspeed_shm_comm" not in stdout + stderr
+        line = next(li for li in stdout.splitlines() if li.startswith("RESULT"))
+        assert line.split()[2:] == ["3.0", "2"]
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
