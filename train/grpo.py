@@ -23,6 +23,7 @@ from aqa.backbones import get_backbone
 from aqa.data.dataset import ShardedSampler, collate_examples, qa_datasets
 from aqa.eval.dev import evaluate
 from aqa.grpo.config import GRPOConfig, engine_batch, total_rounds, total_steps
+from aqa.grpo.engines import build_rollout_engine
 from aqa.grpo.policy import grpo_adapter_config, policy_from_sft, save_stacked_adapter
 from aqa.grpo.rollout import is_noop_round, sample_group, score_groups
 from aqa.grpo.step import group_loss, loss_metrics, rollout_metrics
@@ -47,6 +48,7 @@ def train(cfg: GRPOConfig) -> dict:
     backbone = get_backbone(cfg.backbone).from_pretrained(cfg.model_path, device=run.device, dtype=run.dtype,
                                                           prompt=cfg.prompt)
     model = policy_from_sft(backbone, cfg.sft_adapter, cfg.lora)
+    rollouts = build_rollout_engine(cfg.grpo.rollout)  # static cache + CUDA graph, or the eager loop
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     # -- data: answered train questions, options shuffled per (epoch, question), so per group
@@ -98,10 +100,10 @@ def train(cfg: GRPOConfig) -> dict:
     last_saved, last_eval, dev_metrics = state.global_step, None, {}
     tick = time.perf_counter()
     while state.global_step < stop_step:
-        # -- rollouts: `accumulation` micro-batches sampled with the current policy, one prefill per
-        #    question (KV cache expanded to G); rewards gathered over ranks -> group advantages [B, G]
+        # -- rollouts: `accumulation` micro-batches sampled with the current policy by the rollout engine, one
+        #    prefill per question, G completions per decode step; rewards gathered over ranks -> advantages [B, G]
         engine.train()
-        groups = [sample_group(backbone, engine, next(stream), cfg.grpo) for _ in range(accumulation)]
+        groups = [sample_group(backbone, engine, next(stream), cfg.grpo, rollouts) for _ in range(accumulation)]
         metrics = rollout_metrics(groups)
 
         # -- reference log-probs [B, G, T] (GRPO adapter off) and, for num_iterations > 1, the sampling

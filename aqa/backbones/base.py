@@ -115,8 +115,10 @@ class Backbone(ABC):
 
     # -- GRPO ------------------------------------------------------------------------------------
     def generate(self, model: nn.Module, examples: list[Example], num_samples: int,
-                 sampling: SamplingConfig) -> Rollout:
-        """Sample G completions per question from one prefill per question (KV cache expanded to G)."""
+                 sampling: SamplingConfig, decoder: Any = None) -> Rollout:
+        """Sample G completions per question from one prefill per question. ``decoder``: the decode loop
+        (``static_decode.StaticDecoder``: a static cache, one step for all G; None: the eager loop, the
+        prompt's KV cache expanded to G rows)."""
         raise NotImplementedError(f"{self.name} does not support generation yet")
 
     def completion_logprobs(self, model: nn.Module, rollout: Rollout) -> torch.Tensor:

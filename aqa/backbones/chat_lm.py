@@ -214,7 +214,7 @@ class ChatLMBackbone(Backbone):
         return self.tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
 
     # -- GRPO rollouts (shared prefix: aqa/backbones/shared_prefix.py) ----------------------------
-    def generate(self, model, examples, num_samples, sampling) -> Rollout:
+    def generate(self, model, examples, num_samples, sampling, decoder=None) -> Rollout:
         """G completions per question: the prompt (audio included) prefilled once per question, the KV cache
         expanded to G, special and media tokens never sampled. ``Rollout.prompt`` is a ``PromptBatch``."""
         hf = unwrap(model)
@@ -224,7 +224,7 @@ class ChatLMBackbone(Backbone):
                                            self._prefill_inputs(hf, examples, device), sampling.temperature)
         rules = shared_prefix.token_rules(self.tokenizer, hf)
         with eval_mode(model):
-            ids, cmask = shared_prefix.sample(hf, prompt, num_samples, sampling, rules)
+            ids, cmask = shared_prefix.sample(hf, prompt, num_samples, sampling, rules, decoder=decoder)
         texts = [self.tokenizer.batch_decode(group, skip_special_tokens=True) for group in ids.cpu()]
         return Rollout(examples=examples, prompt=prompt, completion_ids=ids, completion_mask=cmask, texts=texts)
 

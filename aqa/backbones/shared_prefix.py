@@ -17,6 +17,7 @@ Shapes: B questions, G completions per question, P prompt tokens, T completion t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -32,6 +33,9 @@ class PromptBatch:
     attention_mask: torch.Tensor  # [B, P] 1 on real tokens
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # prefill-only inputs, [B, ...] (audio)
     temperature: float = 1.0  # what completions were sampled at; their log-probs use the same
+    # decoder inputs of every step of ``static_decode``, which feeds a question's G completions as G columns
+    # of one row (Kimi-Audio: apply its per-sequence text-stream rule per column)
+    step_extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -152,13 +156,27 @@ def _decode(model: nn.Module, last: torch.Tensor, cache, prompt_mask: torch.Tens
     return torch.stack(tokens, dim=1), torch.stack(keep, dim=1).long()
 
 
+class Decoder(Protocol):
+    """A decode loop other than the eager one below (``static_decode.StaticDecoder``)."""
+
+    def sample(self, model: nn.Module, prompt: PromptBatch, num_samples: int, sampling: SamplingConfig,
+               rules: TokenRules, generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Completion ids, mask and the sampled tokens' log-probs, each ``[B, G, T]``."""
+        ...
+
+
 def sample(model: nn.Module, prompt: PromptBatch, num_samples: int, sampling: SamplingConfig, rules: TokenRules,
-           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           generator: torch.Generator | None = None, decoder: Decoder | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """G completions per question from one prefill per question.
 
     Returns ``completion_ids`` ``[B, G, T]`` (right-padded with ``pad_id``) and ``completion_mask``
     ``[B, G, T]`` (1 up to and including the first EOS). ``rules.suppress_ids`` are never sampled.
+    ``decoder``: the loop that samples (None: the eager loop here, a growing cache of ``B*G`` rows).
     """
+    if decoder is not None:
+        ids, mask, _ = decoder.sample(model, prompt, num_samples, sampling, rules, generator)
+        return ids, mask
     B = prompt.input_ids.shape[0]
     with torch.no_grad():
         last, cache = _prefill(model, prompt, num_samples)
@@ -205,7 +223,7 @@ def repeat_prompt(prompt: PromptBatch, num_samples: int) -> PromptBatch:
     return PromptBatch(prompt.input_ids.repeat_interleave(num_samples, dim=0),
                        prompt.attention_mask.repeat_interleave(num_samples, dim=0),
                        {k: v.repeat_interleave(num_samples, dim=0) for k, v in prompt.extra.items()},
-                       prompt.temperature)
+                       prompt.temperature, prompt.step_extra)
 
 
 def naive_sample(model: nn.Module, prompt: PromptBatch, num_samples: int, sampling: SamplingConfig,

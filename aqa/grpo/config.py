@@ -20,6 +20,16 @@ from aqa.runtime.sections import (
 )
 from aqa.sft.config import QATrainSettings
 
+ROLLOUT_ENGINES = ("static", "eager")  # the engines of aqa/grpo/engines.py
+
+
+@dataclass
+class RolloutConfig:
+    """Which engine samples the rollouts (``aqa/grpo/engines.py``)."""
+
+    engine: str = "static"  # static: one cache row per question, one step for all G, sort-free sampling; eager: the reference loop
+    cuda_graph: bool = True  # static engine on a CUDA device: capture the decode step as a CUDA graph (no effect on CPU)
+
 
 @dataclass
 class GRPOSection:
@@ -32,6 +42,7 @@ class GRPOSection:
     advantage_eps: float = 1e-4  # (r - mean) / (std + eps)
     rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0})  # name -> weight
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
 
 @dataclass
@@ -61,6 +72,7 @@ class GRPOConfig(QATrainSettings):
             "grpo.sampling.temperature": (g.sampling.temperature > 0, "> 0"),
             "grpo.sampling.top_p": (0 < g.sampling.top_p <= 1, "in (0, 1]"),
             "grpo.sampling.max_new_tokens": (g.sampling.max_new_tokens >= 1, ">= 1"),
+            "grpo.rollout.engine": (g.rollout.engine in ROLLOUT_ENGINES, f"one of {', '.join(ROLLOUT_ENGINES)}"),
             "batch.per_device": (self.batch.per_device >= 1, ">= 1"),
             "batch.gradient_accumulation": (self.batch.gradient_accumulation >= 1, ">= 1"),
             "optim.lr": (self.optim.lr > 0, "> 0"),

@@ -14,6 +14,7 @@ from torch import nn
 from aqa.backbones.base import Backbone, Rollout
 from aqa.data.example import Example
 from aqa.grpo.config import GRPOSection
+from aqa.grpo.engines import RolloutEngine
 from aqa.grpo.policy import reference
 from aqa.rl.advantages import Advantages, group_advantages
 from aqa.rl.rewards import compute_rewards
@@ -39,10 +40,11 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     return gathered.reshape(-1, *tensor.shape[1:])
 
 
-def sample_group(backbone: Backbone, model: nn.Module, examples: list[Example], cfg: GRPOSection) -> Group:
-    """G completions per question, their rewards and group advantages (rewards gathered over ranks).
-    Every rank must call it (the advantages' gather is a collective)."""
-    rollout = backbone.generate(model, examples, cfg.num_generations, cfg.sampling)
+def sample_group(backbone: Backbone, model: nn.Module, examples: list[Example], cfg: GRPOSection,
+                 engine: RolloutEngine) -> Group:
+    """G completions per question from ``engine``, their rewards and group advantages (rewards gathered over
+    ranks). Every rank must call it (the advantages' gather is a collective)."""
+    rollout = engine.generate(backbone, model, examples, cfg.num_generations, cfg.sampling)
     rewards, parts = compute_rewards(rollout.texts, examples, cfg.rewards)
     adv = group_advantages(rewards, cfg.advantage_eps, gather=gather_rows, rank=distributed.rank())
     return Group(rollout, rewards, parts, adv)

@@ -19,6 +19,7 @@ from aqa.grpo.policy import (
     reference,
     save_stacked_adapter,
 )
+from aqa.grpo.engines import build_rollout_engine
 from aqa.grpo.rollout import Group, is_noop_round, sample_group, score_groups
 from aqa.grpo.step import group_loss, rollout_metrics
 from aqa.rl.advantages import Advantages
@@ -177,7 +178,7 @@ def test_one_group_samples_scores_and_gives_a_finite_loss_with_lora_gradients(ti
                                sampling=SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=3))
     examples = _examples(bb)
     torch.manual_seed(0)
-    group = sample_group(bb, policy, examples, section)
+    group = sample_group(bb, policy, examples, section, build_rollout_engine(section.rollout))
     B, G, T = group.rollout.completion_ids.shape
     assert (B, G) == (3, 4) and group.rewards.shape == (3, 4) and group.adv.values.shape == (3, 4)
     score_groups(bb, policy, [group], section)

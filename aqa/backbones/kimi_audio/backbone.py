@@ -284,7 +284,8 @@ class KimiAudioBackbone(Backbone):
         device = hf.device
         return shared_prefix.PromptBatch(text.to(device), mask.to(device), {
             "audio_ids": audio.to(device), "is_continuous_mask": cont.to(device),
-            "whisper_features": pad_features_per_row(feats)}, temperature)
+            "whisper_features": pad_features_per_row(feats)}, temperature,
+            step_extra={"independent_columns": True})
 
     def _rules(self) -> shared_prefix.TokenRules:
         """End on ``text_eos``; never sample another special token or an audio code (text output only)."""
@@ -327,12 +328,13 @@ class KimiAudioBackbone(Backbone):
         ids = torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in examples]
         return [self._decode(row) for row in ids]
 
-    def generate(self, model, examples, num_samples, sampling) -> Rollout:
+    def generate(self, model, examples, num_samples, sampling, decoder=None) -> Rollout:
         """G sampled completions per question from one prefill per question (``shared_prefix``)."""
         hf = unwrap(model)
         with eval_mode(model), torch.no_grad():
             prompt = self._prompt_batch(hf, examples, sampling.temperature)
-            ids, cmask = shared_prefix.sample(TextStreamView(hf.lm), prompt, num_samples, sampling, self._rules())
+            ids, cmask = shared_prefix.sample(TextStreamView(hf.lm), prompt, num_samples, sampling, self._rules(),
+                                              decoder=decoder)
         texts = [[self._decode(row) for row in group] for group in ids.cpu().tolist()]
         return Rollout(examples=examples, prompt=prompt, completion_ids=ids, completion_mask=cmask, texts=texts)
 

@@ -36,8 +36,12 @@ class _TextStreamDecoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache=None, use_cache: bool = False,
                 audio_ids: torch.Tensor | None = None, is_continuous_mask: torch.Tensor | None = None,
-                whisper_features: torch.Tensor | None = None) -> BaseModelOutputWithPast:
-        """Text ids ``[B, T]`` (+ prompt audio ids / continuous mask ``[B, P<=T]``, vectors ``[B, Smax, D]``)."""
+                whisper_features: torch.Tensor | None = None, independent_columns: bool = False
+                ) -> BaseModelOutputWithPast:
+        """Text ids ``[B, T]`` (+ prompt audio ids / continuous mask ``[B, P<=T]``, vectors ``[B, Smax, D]``).
+
+        ``independent_columns``: each of the T columns is one token of its own sequence (the static decode
+        step's G completions), so the text-stream rule applies per column."""
         config = self.lm.config
         audio = torch.full_like(input_ids, config.kimia_text_blank)
         cont = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -51,7 +55,7 @@ class _TextStreamDecoder(nn.Module):
         if whisper_features is not None:
             counts = cont.sum(dim=1).tolist()
             feats = torch.cat([whisper_features[b, :n] for b, n in enumerate(counts)], dim=0)  # [S, D]
-        embeds = self.lm.model.embed(audio, input_ids, cont, feats)
+        embeds = self.lm.model.embed(audio, input_ids, cont, feats, per_position=independent_columns)
         hidden, _, cache = self.lm.model(embeds, attention_mask, position_ids, cache, use_cache)
         return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache)
 

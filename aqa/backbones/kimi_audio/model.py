@@ -69,7 +69,8 @@ class KimiAudioTrunk(nn.Module):
         self.gradient_checkpointing = False
 
     def embed(self, input_ids: torch.Tensor, text_input_ids: torch.Tensor,
-              is_continuous_mask: torch.Tensor | None = None, whisper_features: torch.Tensor | None = None) -> torch.Tensor:
+              is_continuous_mask: torch.Tensor | None = None, whisper_features: torch.Tensor | None = None,
+              per_position: bool = False) -> torch.Tensor:
         """Both streams -> input embeddings ``[B, T, H]``.
 
         ``whisper_features`` ``[S, kimia_adaptor_input_dim]`` fill the ``S`` positions where
@@ -90,9 +91,10 @@ class KimiAudioTrunk(nn.Module):
             emb = torch.where(mask[..., None], (emb + fused) * math.sqrt(2.0), emb)
         # The official forward adds the text stream only when the text ids it is fed are not all 0 (decoding
         # feeds one id per row, and a sampled id 0 then contributes nothing). Applied per row, so one such row
-        # leaves the other rows of a batch as they would be alone.
+        # leaves the other rows of a batch as they would be alone; ``per_position``: per token, for a row whose
+        # columns are separate sequences fed one token each.
         text = self.embed_tokens(text_input_ids)  # [B, T, H]
-        fed = (text_input_ids != 0).any(dim=1)[:, None, None]  # [B, 1, 1]
+        fed = (text_input_ids != 0)[..., None] if per_position else (text_input_ids != 0).any(dim=1)[:, None, None]
         return emb + torch.where(fed, text, torch.zeros_like(text))
 
     def forward(
