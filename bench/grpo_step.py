@@ -1,7 +1,8 @@
 """Benchmark: one GRPO step with the shared prefix against the naive (r1-aqa) layout, same model and batch.
 
     python bench/grpo_step.py [--questions 8] [--generations 6] [--max-new-tokens 8] [--steps 3]
-                              [--device cpu|cuda] [--dtype float32|bfloat16] [spec key=value ...]
+                              [--device cpu|cuda] [--dtype float32|bfloat16] [--seven-b] [--no-memory]
+                              [spec key=value ...]
 
 A random-init Qwen2-Audio of ``aqa.backbones.qwen2_audio_tiny.TinyQwen2AudioSpec`` sizes (override any, e.g. a 7B shape on a
 GPU: hidden_size=4096 num_hidden_layers=32 num_attention_heads=32 num_key_value_heads=32
@@ -10,12 +11,17 @@ chunk_seconds=30) with LoRA runs the same GRPO step both ways: sample G completi
 advantages, reference log-probs (adapter disabled), policy log-probs, loss, backward, optimizer step.
 
 - naive: the prompt and its audio repeated G times for generation, the reference and the policy;
-- shared: one prefill per question, its KV cache expanded to G (``aqa/backbones/shared_prefix.py``).
+- shared: one prefill per question, its KV cache expanded to G, the eager decode loop
+  (``aqa/backbones/shared_prefix.py``);
+- static: shared, sampled by the static rollout engine (``aqa/backbones/static_decode.py``: one cache row per
+  question, one step for all G, a CUDA graph on CUDA), what ``train/grpo.py`` runs.
 
-A random model never says <|im_end|>, so every completion runs the full token budget in both layouts.
-Peak memory is taken for each layout in its own process (CUDA: allocated; CPU: resident set growth);
-times are medians of steps that alternate between the layouts in one process. Prints both, and a last
-line with ``speedup=X.XX`` (naive time / shared time; target >= 3).
+``--seven-b`` builds Qwen2-Audio-7B's shapes (as ``bench/sft_step.py``; use a GPU, bf16). A random model rarely
+says <|im_end|>, so completions run (nearly) the full token budget in every layout. Peak memory is taken for
+each layout in its own process (CUDA: allocated; CPU: resident set growth; ``--no-memory`` skips it); times
+are medians of steps that alternate between the layouts in one process. Per layout it prints the step time,
+its phase split (sampling / reference log-probs / policy forward + backward + optimizer step) and the sampling
+time per new token; the last line holds ``speedup=X.XX`` (naive / static; target >= 3) and the shared layout's.
 """
 
 from __future__ import annotations
@@ -36,7 +42,13 @@ from aqa.backbones import shared_prefix as sp
 from aqa.backbones.base import SamplingConfig
 from aqa.backbones.lora import LoraConfig, apply_lora
 from aqa.backbones.qwen2_audio import Qwen2AudioBackbone, eval_mode, unwrap
-from aqa.backbones.qwen2_audio_tiny import TinyQwen2AudioSpec, build_tiny_qwen2_audio
+from aqa.backbones.qwen2_audio_tiny import (
+    SEVEN_B_SPEC,
+    SEVEN_B_VOCAB,
+    TinyQwen2AudioSpec,
+    build_tiny_qwen2_audio,
+)
+from aqa.backbones.static_decode import StaticDecoder
 from aqa.config import load_config
 from aqa.data.example import Example
 from aqa.rl.advantages import group_advantages
@@ -93,37 +105,56 @@ class PeakMemory:
             self._thread.join()
 
 
+LAYOUTS = ("naive", "shared", "static")
+PHASES = ("sample", "reference", "update")
+
+
 def grpo_step(bb: Qwen2AudioBackbone, optimizer: torch.optim.Optimizer, examples: list[Example],
-              prompt: sp.PromptBatch, G: int, sampling: SamplingConfig, naive: bool, seed: int) -> float:
-    """One full GRPO step in either layout; returns the loss. ``prompt`` is encoded once up front for
-    both layouts (tokenizing is not what differs)."""
+              prompt: sp.PromptBatch, G: int, sampling: SamplingConfig, layout: str, seed: int,
+              decoder: StaticDecoder, device: torch.device) -> dict[str, float]:
+    """One full GRPO step in ``layout``; returns seconds per phase and the new tokens sampled. ``prompt`` is
+    encoded once up front for every layout (tokenizing is not what differs)."""
     hf = unwrap(bb.model)
     rules = sp.token_rules(bb.tokenizer, hf)
-    sample = sp.naive_sample if naive else sp.sample
-    logprobs_fn = sp.naive_completion_logprobs if naive else sp.completion_logprobs
-    torch.manual_seed(seed)  # the same samples in both layouts
+    logprobs_fn = sp.naive_completion_logprobs if layout == "naive" else sp.completion_logprobs
+    clock = Clock(device)
+    torch.manual_seed(seed)  # the same samples in the naive and shared layouts
     with eval_mode(bb.model):
-        ids, mask = sample(hf, prompt, G, sampling, rules)  # [B, G, T]
+        if layout == "naive":
+            ids, mask = sp.naive_sample(hf, prompt, G, sampling, rules)  # [B, G, T]
+        else:
+            ids, mask = sp.sample(hf, prompt, G, sampling, rules, decoder=decoder if layout == "static" else None)
+    sample_s = clock.lap()
     texts = [bb.tokenizer.batch_decode(g, skip_special_tokens=True) for g in ids.cpu()]
     rewards, _ = compute_rewards(texts, examples, {"accuracy": 1.0})  # [B, G]
     adv = group_advantages(rewards, eps=1e-4)
+    clock.lap()
     with torch.no_grad(), bb.model.disable_adapter():  # the reference: same weights, adapter off
         ref = logprobs_fn(hf, prompt, ids, mask)
+    reference_s = clock.lap()
     loss, _ = grpo_loss(logprobs_fn(hf, prompt, ids, mask), None, ref, adv.values, mask, epsilon=0.2, beta=0.1)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach().item()
+    return {"sample": sample_s, "reference": reference_s, "update": clock.lap(), "tokens": ids.shape[-1]}
 
 
-def timed(step: Callable[[], float], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+class Clock:
+    """Seconds between laps, the device synchronized at each."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.last = self._now()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self) -> float:
+        now = self._now()
+        dt, self.last = now - self.last, now
+        return dt
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,24 +171,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads; 1 keeps timings stable on a machine shared with other jobs")
-    parser.add_argument("--memory-of", choices=["naive", "shared"], help=argparse.SUPPRESS)  # internal: a child
+    parser.add_argument("--seven-b", action="store_true", help="Qwen2-Audio-7B shapes (GPU, bf16)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-layout peak-memory processes")
+    parser.add_argument("--memory-of", choices=LAYOUTS, help=argparse.SUPPRESS)  # internal: a child
     parser.add_argument("spec", nargs="*", help="model size overrides, e.g. hidden_size=4096")
     args = parser.parse_args(argv)
-    spec = load_config(TinyQwen2AudioSpec, None, args.spec)
+    spec = load_config(TinyQwen2AudioSpec, None, (SEVEN_B_SPEC if args.seven_b else []) + args.spec)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
 
     # -- peak memory: each layout in its own process first, so one's freed memory cannot hide the other's
     #    peak (and, on a GPU, this process holds no model meanwhile)
-    if args.memory_of is None:
-        peaks = {}
-        for layout in ("naive", "shared"):
+    peaks = {layout: float("nan") for layout in LAYOUTS}
+    if args.memory_of is None and not args.no_memory:
+        for layout in LAYOUTS:
             child = subprocess.run([sys.executable, __file__, "--memory-of", layout,
                                     *(argv if argv is not None else sys.argv[1:])],
                                    check=True, stdout=subprocess.PIPE, text=True)
             peaks[layout] = json.loads(child.stdout.strip().splitlines()[-1])["peak"]
 
     model, processor = build_tiny_qwen2_audio(spec, args.seed, device=device, dtype=getattr(torch, args.dtype))
+    if args.seven_b:  # the tiny BPE cannot have 151k merges; the LM head's size is what costs, so match it
+        model.resize_token_embeddings(SEVEN_B_VOCAB)
     bb = Qwen2AudioBackbone(model, processor)
     apply_lora(bb, LoraConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0))
     bb.model.train()
@@ -166,9 +201,11 @@ def main(argv: list[str] | None = None) -> None:
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens)
     prompt = bb.generate(bb.model, examples, 2, SamplingConfig(max_new_tokens=1)).prompt  # [B, P], audio
 
-    def step(layout: str, i: int) -> Callable[[], float]:
-        return lambda: grpo_step(bb, optimizer, examples, prompt, args.generations, sampling, layout == "naive",
-                                 args.seed + i)
+    decoder = StaticDecoder()  # kept across steps, as the recipe's rollout engine keeps it
+
+    def step(layout: str, i: int) -> Callable[[], dict[str, float]]:
+        return lambda: grpo_step(bb, optimizer, examples, prompt, args.generations, sampling, layout,
+                                 args.seed + i, decoder, device)
 
     if args.memory_of is not None:  # the child: a warm-up step and one more, under the memory watch
         with PeakMemory(device) as mem:
@@ -177,22 +214,26 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"peak": mem.peak}))
         return
 
-    # -- time: one warm-up each (one-off kernel selection is not step time), then the layouts alternate
-    #    step by step, so load from other jobs on a shared machine falls on both alike; medians
+    # -- time: one warm-up each (one-off kernel selection and graph capture are not step time), then the
+    #    layouts alternate step by step, so load from other jobs on a shared machine falls on all alike; medians
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {args.device} {args.dtype}; "
           f"B={args.questions} questions, G={args.generations}, prompt {prompt.input_ids.shape[1]} tokens "
           f"(audio included), {args.max_new_tokens} new tokens")
-    times: dict[str, list[float]] = {"naive": [], "shared": []}
-    for layout in times:
+    runs: dict[str, list[dict[str, float]]] = {layout: [] for layout in LAYOUTS}
+    for layout in LAYOUTS:
         step(layout, -1)()
     for i in tqdm(range(args.steps), desc="steps", leave=False):
-        for layout in times:
-            times[layout].append(timed(step(layout, i), device))
-    sec = {layout: float(np.median(t)) for layout, t in times.items()}
-    for layout in times:
-        print(f"{layout:>6}: {sec[layout]:8.3f} s/step   peak memory +{peaks[layout] / 2**20:8.1f} MiB")
-    print(f"grpo_step G={args.generations}: naive/shared peak memory={peaks['naive'] / max(peaks['shared'], 1):.2f}x "
-          f"speedup={sec['naive'] / sec['shared']:.2f}")
+        for layout in LAYOUTS:
+            runs[layout].append(step(layout, i)())
+    sec = {}
+    for layout in LAYOUTS:
+        med = {k: float(np.median([r[k] for r in runs[layout]])) for k in (*PHASES, "tokens")}
+        sec[layout] = float(np.median([sum(r[k] for k in PHASES) for r in runs[layout]]))
+        split = " ".join(f"{k}={med[k]:.3f}s ({med[k] / sec[layout]:.0%})" for k in PHASES)
+        print(f"{layout:>6}: {sec[layout]:8.3f} s/step  {split}  sample_ms_per_token="
+              f"{1000 * med['sample'] / max(med['tokens'], 1):.2f}  peak memory +{peaks[layout] / 2**20:8.1f} MiB")
+    print(f"grpo_step G={args.generations}: naive/static peak memory={peaks['naive'] / max(peaks['static'], 1):.2f}x "
+          f"shared_speedup={sec['naive'] / sec['shared']:.2f} speedup={sec['naive'] / sec['static']:.2f}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from aqa.runtime.logging import progress_bar
 from aqa.runtime.nonfinite import check_loss, confirm_skipped
 from aqa.runtime.recipe import LossWindow, crossed, finish, open_run, recipe_main, resume_state, start_run
 from aqa.sft.config import SFTConfig
-from aqa.sft.step import sft_loss
+from aqa.sft.step import enable_gradient_checkpointing, sft_loss
 
 
 def train(cfg: SFTConfig) -> dict:
@@ -41,6 +41,8 @@ def train(cfg: SFTConfig) -> dict:
     # -- model: the backbone from its directory, LoRA on the language model (audio side only if configured)
     backbone = get_backbone(cfg.backbone).from_pretrained(cfg.model_path, device=run.device, dtype=run.dtype,
                                                           prompt=cfg.prompt)
+    if cfg.gradient_checkpointing:  # activations recomputed in the backward: memory for a larger micro-batch
+        enable_gradient_checkpointing(backbone)
     model = apply_lora(backbone, cfg.lora)  # only LoRA tensors require grad now
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
@@ -54,7 +56,8 @@ def train(cfg: SFTConfig) -> dict:
                                    world_size=info.world_size, barrier=distributed.barrier,
                                    progress=cfg.progress and info.is_main)
     sampler = ShardedSampler(len(train_ds), rank=info.rank, world_size=info.world_size, shuffle=True,
-                             seed=cfg.seed)
+                             seed=cfg.seed, lengths=train_ds.lengths() if cfg.group_by_length else None,
+                             group_size=cfg.batch.micro_size)  # optionally micro-batches of similar clip length
     loader = train_loader(train_ds, sampler, cfg.batch.micro_size, cfg.num_workers, collate_examples)
     accumulation = accumulation_steps(cfg.batch.global_size, cfg.batch.micro_size, info.world_size)
     total = total_steps(cfg, micro_batches_per_epoch(sampler, cfg.batch.micro_size), accumulation)

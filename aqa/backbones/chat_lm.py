@@ -24,11 +24,11 @@ from torch import nn
 from aqa.backbones import shared_prefix
 from aqa.backbones.base import Backbone, Rollout
 from aqa.backbones.letters import answer_lead, gather_letter_logits, letter_token_ids
+from aqa.backbones.lm_loss import IGNORE_INDEX, target_loss
 from aqa.backbones.option_scoring import OptionScorer, canonical_per_question, option_scores
 from aqa.data.example import Example
 from aqa.data.prompts import PromptConfig, render_target
 
-IGNORE_INDEX = -100
 ASSISTANT_START = "<|im_start|>assistant\n"  # ChatML: what the chat templates of these models end with
 
 
@@ -131,6 +131,14 @@ class ChatLMBackbone(Backbone):
         label_ids, _ = right_pad(labels, IGNORE_INDEX)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids,
                 **self._batch_inputs(examples)}
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean CE over the target tokens, the LM head run at those positions only (``lm_loss``): the same
+        loss as the HF model's own, without its ``[B, T, V]`` logits."""
+        hf = unwrap(model)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        hidden = hf.model(**inputs, use_cache=False).last_hidden_state  # [B, T, H]
+        return target_loss(hf.get_output_embeddings(), hidden, batch["labels"])
 
     # -- option logits -------------------------------------------------------------------------
     def letter_ids(self) -> torch.Tensor:

@@ -208,6 +208,15 @@ def tiny_qwen2_audio_config(spec: TinyQwen2AudioSpec, tokenizer):
     return config
 
 
+# Qwen2-Audio-7B's shapes as TinyQwen2AudioSpec overrides (the benches' --seven-b): 32 x 4096 LM, 32 x 1280
+# Whisper encoder, 30 s window. The tiny BPE cannot have 151k merges, so the vocabulary is matched by resizing
+# the embeddings to SEVEN_B_VOCAB rows after building (the LM head's size is what costs).
+SEVEN_B_SPEC = ["hidden_size=4096", "num_hidden_layers=32", "num_attention_heads=32", "num_key_value_heads=32",
+                "intermediate_size=11008", "max_position_embeddings=8192", "audio_d_model=1280", "audio_layers=32",
+                "audio_heads=20", "audio_ffn_dim=5120", "chunk_seconds=30"]
+SEVEN_B_VOCAB = 156032
+
+
 def build_tiny_qwen2_audio(spec: TinyQwen2AudioSpec | None = None, seed: int = 0, *,
                            device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """A random-init Qwen2-Audio of ``spec``'s sizes and its processor, in memory: ``(model, processor)``.

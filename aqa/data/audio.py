@@ -88,6 +88,13 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     return downmix_resample(decode_audio(path), sample_rate)
 
 
+def header_duration(path: str | Path) -> float:
+    """Duration in seconds from the file's header, nothing decoded: for ordering clips by length, not for
+    checking them (``audio_duration`` does that)."""
+    info = sf.info(str(path))
+    return info.frames / info.samplerate if info.samplerate > 0 else 0.0
+
+
 def audio_duration(path: str | Path) -> float:
     """Decode ``path`` fully (so corrupt tails are caught) and return its duration in seconds."""
     return decode_audio(path).duration_s

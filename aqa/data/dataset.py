@@ -71,6 +71,16 @@ class QADataset(Dataset):
         """The epoch used for plain integer indices."""
         self.epoch = epoch
 
+    def lengths(self) -> list[float]:
+        """How long each question's input is, for :class:`ShardedSampler`'s length grouping: the clip's
+        seconds (from its header) for an audio model, else the characters of its question, options and meta
+        (the text a text model reads)."""
+        from aqa.data.audio import header_duration
+
+        if self.cache is not None:
+            return [header_duration(self.manifest.audio_path(r)) for r in self.manifest.records]
+        return [float(len(r.question) + sum(map(len, r.choices)) + len(str(r.meta))) for r in self.manifest.records]
+
     def __len__(self) -> int:
         return len(self.manifest.records)
 
@@ -149,10 +159,18 @@ class ShardedSampler(Sampler):
     identity when ``shuffle`` is off). It is padded by wrapping around to a multiple of
     ``world_size`` (or cut, with ``drop_last``) so every rank takes the same number of steps, and
     rank ``r`` takes positions ``r, r + world_size, ...``. Yields ``(epoch, index)``.
+
+    With ``lengths`` (one per item) and ``group_size`` (the micro-batch), each micro-batch holds items of
+    similar length, so a batch of 1 s clips is not padded to a 30 s one: the shuffled order is cut into
+    windows of ``GROUP_WINDOW`` global micro-batches, each window sorted by length and cut into global
+    micro-batches (``group_size * world_size`` items, rank r's micro-batch being its share), whose order
+    is shuffled again. Still a permutation seeded by ``(seed, epoch)``, so resuming is exact.
     """
 
+    GROUP_WINDOW = 64  # global micro-batches sorted together: long enough to find equals, short enough to mix
+
     def __init__(self, num_items: int, *, rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = False):
+                 seed: int = 0, drop_last: bool = False, lengths: list[float] | None = None, group_size: int = 1):
         if num_items <= 0:
             raise ValueError("the sampler needs at least one item; the manifest is empty.")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -161,6 +179,9 @@ class ShardedSampler(Sampler):
             raise ValueError(f"drop_last with {num_items} items over {world_size} ranks leaves nothing to train on.")
         self.num_items, self.rank, self.world_size = num_items, rank, world_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        if lengths is not None and len(lengths) != num_items:
+            raise ValueError(f"{len(lengths)} lengths for {num_items} items.")
+        self.lengths, self.group_size = lengths, max(1, group_size)
         self.epoch = 0
         self.position = 0  # items of this epoch this rank has yielded (or, after a restore, consumed)
 
@@ -185,7 +206,24 @@ class ShardedSampler(Sampler):
         total = self.num_samples * self.world_size
         while len(order) < total:  # wrap around: the few repeats keep every rank in step
             order += order[: total - len(order)]
-        return order[:total][self.rank::self.world_size]
+        order = order[:total]
+        if self.lengths is not None:
+            order = self._grouped(order, np.random.default_rng([self.seed, epoch, 1]))
+        return order[self.rank::self.world_size]
+
+    def _grouped(self, order: list[int], rng: np.random.Generator) -> list[int]:
+        """``order`` regrouped so each global micro-batch holds items of similar length (class docstring)."""
+        per_step = self.group_size * self.world_size
+        window = per_step * self.GROUP_WINDOW
+        out: list[int] = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start:start + window], key=lambda i: -self.lengths[i])
+            steps = [chunk[i:i + per_step] for i in range(0, len(chunk), per_step)]
+            full = [s for s in steps if len(s) == per_step]  # a short last step stays last: ranks stay in step
+            for k in rng.permutation(len(full)):
+                out += full[k]
+            out += [i for s in steps if len(s) < per_step for i in s]
+        return out
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.position >= self.num_samples:  # a finished epoch iterated again starts over
@@ -204,7 +242,8 @@ class ShardedSampler(Sampler):
         ``consumed`` (items of this epoch the model has actually seen on this rank) for an exact resume."""
         return {"epoch": self.epoch, "position": self.position if consumed is None else consumed,
                 "seed": self.seed, "num_items": self.num_items, "world_size": self.world_size,
-                "shuffle": self.shuffle, "drop_last": self.drop_last}
+                "shuffle": self.shuffle, "drop_last": self.drop_last,
+                "group_size": self.group_size if self.lengths is not None else 0}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at ``state``; the next iteration yields exactly what the saved run would have yielded next."""
@@ -215,6 +254,11 @@ class ShardedSampler(Sampler):
                     f"{name}={getattr(self, name)!r}. Resume with the same data, seed and number of ranks, "
                     "or start from a fresh epoch."
                 )
+        grouped = self.group_size if self.lengths is not None else 0
+        if state.get("group_size", 0) != grouped:
+            raise ValueError(f"cannot resume the sampler: it was saved with length grouping of micro-batches of "
+                             f"{state.get('group_size', 0)} (0: off), this run has {grouped}. Resume with the same "
+                             "group_by_length and batch.micro_size, or start from a fresh epoch.")
         if not 0 <= state["position"] <= self.num_samples:
             raise ValueError(f"saved sampler position {state['position']} is outside 0..{self.num_samples}.")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

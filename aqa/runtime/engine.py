@@ -55,8 +55,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, total: int) -> tuple[tor
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no parameter requires grad: LoRA was not applied (check the lora section).")
+    # fused: one kernel for every tensor's update on CUDA (the same math); CPU keeps the default loop
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, fused=all(p.is_cuda for p in params) or None)
     warm = warmup_steps(cfg, total)
     scheduler = LambdaLR(optimizer, lambda step: cosine_with_warmup(step, warm, total, cfg.min_lr_ratio))
     return optimizer, scheduler

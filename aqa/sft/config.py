@@ -43,6 +43,8 @@ class SFTConfig(QATrainSettings):
     """The ``train/sft.py`` config: top-level run settings plus one section per concern."""
 
     batch: BatchConfig = field(default_factory=BatchConfig)
+    group_by_length: bool = False  # micro-batches of clips of similar length (DCASE: 1-30 s), so short ones are not padded to long ones
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward: less memory for a larger micro-batch, ~1/3 more compute
 
     def __post_init__(self) -> None:
         positive = {"batch.global_size": self.batch.global_size, "batch.micro_size": self.batch.micro_size,

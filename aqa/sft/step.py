@@ -17,3 +17,9 @@ def sft_loss(backbone: Any, model: Any, examples: list[Example], device: torch.d
     scalar loss over the answer tokens only (the prompt and audio are not trained on)."""
     batch = move_batch(backbone.collate(examples), device, dtype)
     return backbone.loss(model, batch)
+
+
+def enable_gradient_checkpointing(backbone: Any) -> None:
+    """Recompute every decoder layer's activations in the backward instead of keeping them (call before
+    LoRA is applied). Non-reentrant checkpointing: the frozen embeddings' outputs need no gradient hook."""
+    backbone.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

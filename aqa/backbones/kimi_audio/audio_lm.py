@@ -93,8 +93,9 @@ class KimiAudio(nn.Module):
     def device(self) -> torch.device:
         return self.lm.device
 
-    def gradient_checkpointing_enable(self, **kwargs) -> None:
-        self.lm.gradient_checkpointing_enable(**kwargs)
+    def activation_checkpointing_enable(self, **kwargs) -> None:
+        """Recompute the LM's layers in the backward (transformers' ``activation_checkpointing_enable``)."""
+        self.lm.activation_checkpointing_enable(**kwargs)
 
     def encode_audio(self, whisper_mel: torch.Tensor, whisper_vectors: torch.Tensor) -> torch.Tensor:
         """Log-mel windows ``[M, n_mels, F]`` and vectors per window ``[M]`` -> stacked features ``[S, 4 * D]``."""

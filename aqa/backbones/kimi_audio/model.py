@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
@@ -30,8 +29,9 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMS
 from transformers.utils import ModelOutput
 
 from aqa.backbones.kimi_audio.config import KimiAudioConfig
+from aqa.backbones.lm_loss import IGNORE_INDEX, target_loss
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "KimiAudioForCausalLM", "KimiAudioOutput", "KimiAudioTrunk"]
 
 
 class VQAdaptor(nn.Module):
@@ -177,19 +177,9 @@ class KimiAudioForCausalLM(PreTrainedModel):
                                          run_mimo=output_audio_logits)
         loss = logits = None
         if labels is not None:
-            loss = text_loss(self.lm_head, hidden, labels)
+            loss = target_loss(self.lm_head, hidden, labels)
         else:
             logits = self.lm_head(hidden)
         audio_logits = self.mimo_output(mimo) if mimo is not None else None
         return KimiAudioOutput(loss=loss, logits=logits, audio_logits=audio_logits, hidden_states=hidden,
                                cache=cache)
-
-
-def text_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token CE: hidden ``[B, T, H]``, input-aligned labels ``[B, T]`` -> scalar."""
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX  # [B, T-1]
-    if not bool(keep.any()):
-        raise ValueError("the batch has no text targets (all labels are -100); nothing to train on.")
-    logits = lm_head(hidden[:, :-1][keep])  # [n, V]
-    return F.cross_entropy(logits.float(), targets[keep])
