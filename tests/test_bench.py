@@ -1,0 +1,31 @@
+"""The model benchmarks in bench/ run at tiny shapes on CPU and print the line their readers look for.
+
+The numbers are not checked (timing belongs to the benches, not to tests); the code paths the GPU runs are:
+each bench takes the same flags at 7B shapes (``--seven-b``), where only the sizes differ. (data_cache.py and
+ensemble_fit.py are CPU benches with no model shapes; ``make bench`` runs them at full size.)
+"""
+
+import re
+
+import pytest
+
+from tests.recipes.launch import python
+
+BENCHES = {  # script -> (tiny arguments, a pattern of its last line)
+    "bench/sft_step.py": (["--steps", "2", "--warmup", "1", "--batch", "1", "--clips", "dcase", "--group-by-length",
+                           "--gradient-checkpointing"], r"step_s=\S+ tokens_per_s=\d+ .*mfu=\S+"),
+    "bench/grpo_step.py": (["--questions", "2", "--generations", "3", "--max-new-tokens", "3", "--steps", "1",
+                            "--no-memory"],
+                           r"shared_speedup=\S+ speedup=\S+"),
+    "bench/decode_speed.py": (["--questions", "2", "--generations", "3", "--max-new-tokens", "4", "--clip-seconds",
+                               "1", "--repeats", "1"], r"decode_ms_per_step=\S+ bound_ms=\S+ .*ratio=\S+"),
+    "bench/infer_speed.py": (["--questions", "4", "--k", "2"], r"logits_vs_generate=\S+"),
+}
+
+
+@pytest.mark.parametrize("script", sorted(BENCHES))
+def test_bench_runs_at_tiny_shapes(script):
+    args, pattern = BENCHES[script]
+    out = python(script, *args, timeout=300).stdout
+    last = [line for line in out.splitlines() if line.strip()][-1]
+    assert re.search(pattern, last), out[-2000:]
