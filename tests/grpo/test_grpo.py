@@ -12,6 +12,7 @@ from aqa.backbones.base import SamplingConfig
 from aqa.backbones.lora import AdapterError, LoraConfig, apply_lora
 from aqa.config import ConfigError
 from aqa.grpo.config import GRPOSection, engine_batch, load_grpo_config, total_rounds, total_steps
+from aqa.grpo.engines import build_rollout_engine
 from aqa.grpo.policy import (
     grpo_adapter_config,
     peft_model,
@@ -19,7 +20,6 @@ from aqa.grpo.policy import (
     reference,
     save_stacked_adapter,
 )
-from aqa.grpo.engines import build_rollout_engine
 from aqa.grpo.rollout import Group, is_noop_round, sample_group, score_groups
 from aqa.grpo.step import group_loss, rollout_metrics
 from aqa.rl.advantages import Advantages
