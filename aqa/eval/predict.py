@@ -319,10 +319,13 @@ def run_inference(cfg: InferConfig, split: str, info: DistInfo | None = None) ->
         drop_torn_tail(mine)  # a row cut off by a kill is scored again, never half-read
     parts = scan_parts(out_dir, index, progress=cfg.progress and info.is_main)
     done = parts.done(len(index))
-    todo = index.order((index.shard_of(info.world_size) == info.rank) & ~done)  # longest first
+    # this rank's batches with a question left; a batch is scored whole (the same logits as in a run that was
+    # never stopped) and only its missing rows are written
+    todo = [b for b in index.schedule(cfg.batch_size, info.world_size, info.rank) if not done[b].all()]
+    scored = sum(int((~done[b]).sum()) for b in todo)
     model_name = cfg.model_name or Path(cfg.adapter or cfg.model_path).resolve().name
 
-    if todo.size:
+    if todo:
         device = resolve_device(cfg.device, info.local_rank)
         backbone = load_scoring_backbone(cfg, device)
         # the questions left, as the training dataset builds them (canonical order, no augmentation); a
@@ -330,7 +333,7 @@ def run_inference(cfg: InferConfig, split: str, info: DistInfo | None = None) ->
         features = None
         if backbone.feature_settings():
             with index.open_records() as reader:
-                clips = dict.fromkeys(index.audio_root / r.audio for r in reader.read(index, todo))
+                clips = dict.fromkeys(index.audio_root / r.audio for b in todo for r in reader.read(index, b))
             features = FeatureSource(backbone, clips, cfg.cache_dir, cfg.progress and info.is_main, cfg.audio,
                                      disjoint=info.world_size > 1)
         progress = JobProgress(out_dir, info.rank, info.world_size, total=int((~done).sum()),
@@ -338,16 +341,18 @@ def run_inference(cfg: InferConfig, split: str, info: DistInfo | None = None) ->
                                desc=f"{split} ({cfg.mode}, {info.world_size} rank{'s' * (info.world_size > 1)})",
                                enabled=cfg.progress)
         with index.open_records() as reader, mine.open("a", encoding="utf-8") as fh, progress:
-            for at in range(0, todo.size, cfg.batch_size):
-                batch = reader.read(index, todo[at : at + cfg.batch_size])
-                dataset = QADataset(Manifest(path=index.path, audio_root=index.audio_root, records=batch), features)
-                examples = [dataset[i] for i in range(len(batch))]
-                for row in score_batch(backbone, batch, examples, cfg, model_name):
-                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            for batch in todo:
+                records = reader.read(index, batch)
+                dataset = QADataset(Manifest(path=index.path, audio_root=index.audio_root, records=records),
+                                    features)
+                rows = score_batch(backbone, records, [dataset[i] for i in range(len(records))], cfg, model_name)
+                for row, pos in zip(rows, batch):
+                    if not done[pos]:
+                        fh.write(json.dumps(row, ensure_ascii=False) + "\n")
                 fh.flush()  # a killed run keeps every finished batch
-                progress.update(len(batch))
+                progress.update(int((~done[batch]).sum()))
 
-    summary: dict[str, Any] = {"split": split, "rank": info.rank, "ranks": info.world_size, "scored": int(todo.size),
+    summary: dict[str, Any] = {"split": split, "rank": info.rank, "ranks": info.world_size, "scored": scored,
                                "resumed": int(done.sum()), "merged": False,
                                "predictions": str(out_dir / PREDICTIONS), "submission": str(out_dir / SUBMISSION)}
     with split_lock(out_dir):  # the last rank to finish finds every question done

@@ -6,18 +6,20 @@ offset of its line, a 64-bit hash of its id, a hash of its clip and an estimate 
 when it is scored. The id hash is an index only: every merged row is checked against the manifest's id
 text (see :mod:`aqa.eval.parts`).
 
-Shards (:func:`shard_of`): questions about one clip stay together (one rank decodes and extracts a clip
-once, and the ranks' clip sets are disjoint), clips are dealt longest first to the rank with the least
-estimated work so far, so ranks finish together; each rank scores its questions longest first, so a batch
-holds questions of like length (and the longest batch, the one that runs out of memory, comes first).
-The assignment depends on the manifest and the number of ranks only, never on what is done, so every rank
-computes the same one without talking to the others.
+Shards (:meth:`SplitIndex.schedule`): the split is sorted longest first, a clip's questions together, and
+cut into batches at clip boundaries that do not depend on the number of ranks (so a batch holds questions
+of like length, the longest batch, the one that runs out of memory, comes first, and every question is
+scored beside the same others however many ranks run). A clip stays on one rank (it is decoded once, and
+the ranks' clip sets are disjoint); batches are dealt longest first to the rank with the least estimated work so
+far, so ranks finish together. The deal depends on the manifest, the batch size and the number of ranks,
+never on what is done, so every rank computes the same one without talking to the others.
 """
 
 from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,26 +126,61 @@ class SplitIndex:
         return [r.id for r in self.records_where(mask)]
 
     # -- shards -------------------------------------------------------------------------------------------
-    def shard_of(self, world_size: int) -> np.ndarray:
-        """``[N]`` int32: the rank that scores each question (see the module doc)."""
-        if len(self) == 0:
-            return np.zeros(0, dtype=np.int32)
-        clip_ids, inverse = np.unique(self.clips, return_inverse=True)  # sorted by hash: a fixed tie-break
-        work = np.bincount(inverse, weights=(self.audio_cost + self.text_cost + 1).astype(np.float64))
-        rank_of_clip = np.empty(len(clip_ids), dtype=np.int32)
-        loads = [(0.0, r) for r in range(world_size)]  # (estimated work, rank): a min-heap
-        for clip in np.argsort(-work, kind="stable"):  # longest first
-            load, r = heapq.heappop(loads)
-            rank_of_clip[clip] = r
-            heapq.heappush(loads, (load + float(work[clip]), r))
-        return rank_of_clip[inverse]
-
-    def order(self, mask: np.ndarray) -> np.ndarray:
-        """Positions where ``mask`` is true, longest audio first, a clip's questions together, then the
+    def order(self) -> np.ndarray:
+        """``[N]`` positions in scoring order: longest audio first, a clip's questions together, then the
         longest text first."""
-        pos = np.flatnonzero(mask)
-        keys = (pos, -self.text_cost[pos], self.clips[pos], -self.audio_cost[pos])  # lexsort: last key first
-        return pos[np.lexsort(keys)]
+        pos = np.arange(len(self))
+        return np.lexsort((pos, -self.text_cost, self.clips, -self.audio_cost))  # lexsort: last key first
+
+    def batches(self, batch_size: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """The whole split in batches of at most ``batch_size`` along :meth:`order`, and ``[B]`` the unit of
+        each batch. A batch never splits a clip's questions unless they are more than a batch; then the clip's
+        batches form one unit (every other batch is a unit of its own), so a clip is decoded by one rank.
+        Batches do not depend on the number of ranks: every question is scored beside the same others however
+        many ranks run (and a rerun scores a batch whole again), so the logits come out bit for bit the same."""
+        order = self.order()
+        clips = self.clips[order]
+        starts = np.flatnonzero(np.r_[True, clips[1:] != clips[:-1]]) if len(order) else np.zeros(0, dtype=int)
+        ends = np.r_[starts[1:], len(order)].astype(int)
+        batches: list[np.ndarray] = []
+        units: list[int] = []
+        current: list[int] = []  # indices into order
+        current_unit: int | None = None  # the unit of a clip that goes on in the current batch
+        fresh = itertools.count()  # unit numbers
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            if len(current) + e - s > batch_size:
+                if current:
+                    batches.append(order[current])
+                    units.append(next(fresh) if current_unit is None else current_unit)
+                current, current_unit = [], None
+                if e - s > batch_size:  # a clip with more questions than a batch: its batches stay together
+                    current_unit = next(fresh)
+                    while e - s > batch_size:
+                        batches.append(order[s : s + batch_size])
+                        units.append(current_unit)
+                        s += batch_size
+            current.extend(range(s, e))
+        if current:
+            batches.append(order[current])
+            units.append(next(fresh) if current_unit is None else current_unit)
+        return batches, np.asarray(units, dtype=np.int64)
+
+    def schedule(self, batch_size: int, world_size: int, rank: int) -> list[np.ndarray]:
+        """This rank's batches, in scoring order. Units of batches (see :meth:`batches`) are dealt longest
+        first to the rank with the least estimated work so far, so ranks finish together. Every rank computes
+        the same deal from the manifest alone."""
+        batches, units = self.batches(batch_size)
+        work = self.audio_cost + self.text_cost + 1
+        unit_work = np.zeros(int(units.max()) + 1 if len(units) else 0, dtype=np.int64)
+        for batch, unit in zip(batches, units):
+            unit_work[unit] += int(work[batch].sum())
+        mine = np.zeros(len(unit_work), dtype=bool)
+        loads = [(0, r) for r in range(world_size)]  # (estimated work, rank): a min-heap
+        for u in np.argsort(-unit_work, kind="stable"):  # integers: every rank sums them exactly alike
+            load, r = heapq.heappop(loads)
+            mine[u] = r == rank
+            heapq.heappush(loads, (load + int(unit_work[u]), r))
+        return [batch for batch, unit in zip(batches, units) if mine[unit]]
 
     def open_records(self) -> RecordReader:
         return RecordReader(self.path)
