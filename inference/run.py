@@ -41,9 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     who = f"rank {summary['rank']}/{summary['ranks']}: " if summary.get("ranks", 1) > 1 else ""
     print(f"{who}{args.split}: scored {summary['scored']}, kept {summary['resumed']} from an earlier run")
-    if summary.get("pending"):
-        print(f"{who}{summary['pending']} questions still being scored by other ranks; the last rank to finish "
-              "writes the outputs")
+    if summary.get("waiting"):
+        print(f"{who}shard done; other ranks are still scoring, and the last to finish writes the outputs")
         return summary
     if summary.get("outside"):
         print(f"left out {summary['outside']} rows of the part files whose ids are not in this split's questions "

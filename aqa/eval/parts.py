@@ -5,6 +5,7 @@ Layout of ``<output_dir>/<split>/``::
     parts/part-00000.jsonl   rank 0's prediction rows, appended and flushed batch by batch
     parts/part-00001.jsonl   rank 1's (any number of ranks; files of earlier launches stay and count)
     parts/merged.json        what the outputs below were merged from (a finished rank skips a merge done)
+    parts/.finished-R-of-W   rank R of a W-rank launch has finished its shard
     predictions.jsonl        every question of the split once, in manifest order (written by the merge)
     submission.csv, metrics.json
     .lock                    serialises the start and the end of the ranks (flock; works on NFS)
@@ -22,6 +23,7 @@ import fcntl
 import json
 import os
 import time
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +69,17 @@ def split_lock(out_dir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def finished_marker(out_dir: Path, rank: int, world_size: int) -> Path:
+    """Touched by a rank of a ``world_size``-rank launch when its shard is done (removed when it starts)."""
+    return out_dir / PARTS / f".finished-{rank:05d}-of-{world_size:05d}"
+
+
+def all_finished(out_dir: Path, world_size: int) -> bool:
+    """Has every rank of this launch (or, after a kill, of an earlier launch of as many ranks) finished? Cheap;
+    a stale marker only makes a rank look through the part files for nothing, never merges too early."""
+    return all(finished_marker(out_dir, r, world_size).exists() for r in range(world_size))
 
 
 def complete_lines(path: Path, start: int = 0) -> Iterator[tuple[int, bytes]]:
@@ -143,7 +156,8 @@ class PartRows:
 def scan_parts(out_dir: Path, index: SplitIndex, progress: bool = False) -> PartRows:
     """Read every part file of ``out_dir`` (only ids and where each row lies are kept)."""
     files = part_files(out_dir)
-    sizes, hashes, file, offset, length = [], [], [], [], []
+    sizes: list[int] = []
+    hashes, file, offset, length = array("Q"), array("i"), array("q"), array("q")  # 8 bytes a row, not 32
     for f, path in enumerate(files):
         sizes.append(path.stat().st_size)
         lines = complete_lines(path)

@@ -39,9 +39,11 @@ from aqa.eval.parts import (
     MergeError,
     PartRows,
     adopt_earlier_predictions,
+    all_finished,
     already_merged,
     check_complete,
     drop_torn_tail,
+    finished_marker,
     missing_error,
     part_files,
     part_path,
@@ -317,6 +319,7 @@ def run_inference(cfg: InferConfig, split: str, info: DistInfo | None = None) ->
         adopt_earlier_predictions(out_dir)
         mine.parent.mkdir(parents=True, exist_ok=True)
         drop_torn_tail(mine)  # a row cut off by a kill is scored again, never half-read
+        finished_marker(out_dir, info.rank, info.world_size).unlink(missing_ok=True)
     parts = scan_parts(out_dir, index, progress=cfg.progress and info.is_main)
     done = parts.done(len(index))
     # this rank's batches with a question left; a batch is scored whole (the same logits as in a run that was
@@ -355,13 +358,17 @@ def run_inference(cfg: InferConfig, split: str, info: DistInfo | None = None) ->
     summary: dict[str, Any] = {"split": split, "rank": info.rank, "ranks": info.world_size, "scored": scored,
                                "resumed": int(done.sum()), "merged": False,
                                "predictions": str(out_dir / PREDICTIONS), "submission": str(out_dir / SUBMISSION)}
-    with split_lock(out_dir):  # the last rank to finish finds every question done
+    with split_lock(out_dir):  # the last rank to finish finds every rank finished and every question done
+        finished_marker(out_dir, info.rank, info.world_size).touch()
+        if not all_finished(out_dir, info.world_size):
+            summary["waiting"] = True  # another rank is still scoring; it merges when it finishes
+            return summary
         parts = scan_parts(out_dir, index)
         row_of = check_complete(out_dir, parts, index)
-        summary["pending"] = int((row_of < 0).sum())
-        if summary["pending"] and info.world_size == 1:
+        if (row_of < 0).any() and info.world_size == 1:
             raise missing_error(out_dir, index, row_of)  # nothing else is scoring: a question was lost
-        if summary["pending"]:
+        if (row_of < 0).any():  # a marker of an earlier, killed launch: that rank's share is not done yet
+            summary["waiting"] = True
             return summary
         if already_merged(out_dir, parts, index):  # a rank that finished at the same moment merged these rows
             if (out_dir / METRICS).is_file():

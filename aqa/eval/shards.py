@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,8 @@ class SplitIndex:
         """Stream ``path`` once; a repeated id fails, naming the ids."""
         path = Path(path)
         root = manifest_audio_root(path)
-        offsets, ids, clips, audio, text = [], [], [], [], []
+        offsets, ids, clips = array("q"), array("Q"), array("Q")  # 8 bytes a question (a list takes 32)
+        audio, text = array("q"), array("q")
         sizes: dict[int, int] = {}  # clip hash -> file size: each clip is stat-ed once
         answered = 0
         records = iter_records(path, limit)
