@@ -223,12 +223,15 @@ class FeatureCache:
         world_size: int = 1,
         barrier: Callable[[], None] | None = None,
         progress: bool = True,
+        disjoint: bool = False,
     ) -> int:
         """Compute and store every file in ``paths`` that is not cached yet; returns how many this process did.
 
         One process, or several without a ``barrier``: an exclusive file lock makes the first one do the
         work and the others find it done. Several ranks with a ``barrier`` (e.g. ``dist.barrier``): each
         computes its ``rank::world_size`` slice of the missing files, so a big cache builds in parallel.
+        ``disjoint``: no other process asks for these files (inference shards never share a clip), so no lock
+        is taken and every process fills its share at once (each writes its own shard file).
         """
         if (extractor is None) != (self.settings is None):
             raise CacheError("give the extractor together with its settings (a backbone's extract_features and "
@@ -240,6 +243,9 @@ class FeatureCache:
             barrier()  # every rank holds the same missing list before any rank writes a shard
             failures, done = self._write_shard(missing[rank::world_size], extractor, progress and rank == 0)
             barrier()
+        elif disjoint:
+            self.refresh()
+            failures, done = self._write_shard(self._missing(unique), extractor, progress)
         else:
             with self._lock():
                 self.refresh()

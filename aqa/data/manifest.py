@@ -8,10 +8,10 @@ record's ``audio`` path is relative to. Answers are option *text*; letters exist
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from aqa.errors import UserError
 
@@ -129,11 +129,45 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def manifest_audio_root(path: str | Path) -> Path:
+    """The audio root of the manifest ``DIR/<split>.jsonl``, from ``DIR/dataset.json``."""
+    path = Path(path)
+    stored = Path(read_dataset_info(path.parent)["audio_root"])
+    return stored if stored.is_absolute() else path.parent / stored
+
+
+def iter_records(path: str | Path, limit: int | None = None) -> Iterator[tuple[int, Record]]:
+    """Stream ``(byte offset, record)`` over a manifest, one line in memory at a time (the first ``limit``
+    records when given). The offset reads the record again later with :func:`read_record_at`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path} does not exist.")
+    n = 0
+    with path.open("rb") as fh:
+        for lineno, line in enumerate(iter(fh.readline, b""), 1):
+            if limit is not None and n >= limit:
+                return
+            offset = fh.tell() - len(line)
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ManifestError(f"{path}:{lineno}: not valid JSON ({err.msg}).") from err
+            yield offset, Record.from_dict(data)
+            n += 1
+
+
+def read_record_at(fh: BinaryIO, offset: int) -> Record:
+    """The record whose line starts at ``offset`` of a manifest opened in binary mode."""
+    fh.seek(offset)
+    return Record.from_dict(json.loads(fh.readline()))
+
+
 def load_manifest(path: str | Path, audio_root: str | Path | None = None) -> Manifest:
     """Load ``DIR/<split>.jsonl``; the audio root comes from ``DIR/dataset.json`` unless given."""
     path = Path(path)
     if audio_root is None:
-        stored = Path(read_dataset_info(path.parent)["audio_root"])
-        audio_root = stored if stored.is_absolute() else path.parent / stored
+        audio_root = manifest_audio_root(path)
     records = [Record.from_dict(row) for row in read_jsonl(path)]
     return Manifest(path=path, audio_root=Path(audio_root), records=records)

@@ -19,29 +19,43 @@ import numpy as np
 PREDICTION_KEYS = ("id", "part", "choices", "option_logits", "pred", "answer", "model")
 
 
+class PartAccuracy:
+    """Per-part hits and counts, fed one question at a time (a split of any size in constant memory);
+    :meth:`result` is what :func:`accuracy_by_part` returns."""
+
+    def __init__(self) -> None:
+        self.hits: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def add(self, part: str, value: float) -> None:
+        """One answered question of ``part``, right (1), wrong (0) or in between (a fraction of orders)."""
+        self.hits[part] += value
+        self.counts[part] += 1
+
+    def result(self) -> dict[str, Any]:
+        parts = {p: self.hits[p] / self.counts[p] for p in sorted(self.counts)}
+        total = sum(self.counts.values())
+        return {
+            "per_part": parts,
+            "arithmetic_mean": float(np.mean(list(parts.values()))) if parts else None,
+            "weighted_mean": sum(self.hits.values()) / total if total else None,
+            "counts": dict(sorted(self.counts.items())),
+            "n": total,
+        }
+
+
 def accuracy_by_part(rows: Iterable[dict[str, Any]], correct_key: str | None = None) -> dict[str, Any]:
     """Per-part accuracy, their arithmetic mean, the question-weighted mean and counts.
 
     A row is correct when ``pred == answer`` (or ``row[correct_key]`` when given, a float in [0, 1]).
     Rows without an answer (eval split) are skipped; with none left the result has no accuracies.
     """
-    hits: dict[str, float] = defaultdict(float)
-    counts: dict[str, int] = defaultdict(int)
+    acc = PartAccuracy()
     for row in rows:
         if row.get("answer") is None:
             continue
-        value = float(row[correct_key]) if correct_key else float(row["pred"] == row["answer"])
-        hits[row["part"]] += value
-        counts[row["part"]] += 1
-    parts = {p: hits[p] / counts[p] for p in sorted(counts)}
-    total = sum(counts.values())
-    return {
-        "per_part": parts,
-        "arithmetic_mean": float(np.mean(list(parts.values()))) if parts else None,
-        "weighted_mean": sum(hits.values()) / total if total else None,
-        "counts": dict(sorted(counts.items())),
-        "n": total,
-    }
+        acc.add(row["part"], float(row[correct_key]) if correct_key else float(row["pred"] == row["answer"]))
+    return acc.result()
 
 
 def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -57,8 +71,11 @@ def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, fl
 
 def chance_level(rows: Iterable[dict[str, Any]]) -> float:
     """Expected accuracy of uniform guessing: the mean of 1 / number of choices."""
-    values = [1.0 / len(r["choices"]) for r in rows]
-    return float(np.mean(values)) if values else 0.0
+    total, n = 0.0, 0
+    for r in rows:
+        total += 1.0 / len(r["choices"])
+        n += 1
+    return total / n if n else 0.0
 
 
 def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:

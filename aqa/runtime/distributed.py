@@ -87,6 +87,16 @@ def choose_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def launch_info() -> DistInfo:
+    """Where this process stands, from the launcher's environment alone, joining no process group: for a job
+    whose ranks never talk (inference: each scores its shard and they meet in files). A plain ``python``
+    start is rank 0 of 1."""
+    rank, local_rank, world, local_world = env_ranks()
+    device = choose_device(local_rank)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world,
+                    device=device, backend="nccl" if device.type == "cuda" else "gloo")
+
+
 def init(timeout_minutes: float = 30.0, use_deepspeed: bool = True) -> DistInfo:
     """Join (or create) the process group: nccl on GPU, gloo on CPU. Safe to call twice.
 
