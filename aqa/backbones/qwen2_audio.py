@@ -103,6 +103,10 @@ class Qwen2AudioBackbone(ChatLMBackbone):
             raise ValueError(f"LoRA targets {lm_names} match no linear layer of the language model.")
         return pattern
 
+    def full_finetune_prefixes(self, include_audio: bool = False) -> list[str]:
+        audio = ["model.audio_tower.", "model.multi_modal_projector."] if include_audio else []
+        return ["model.language_model.", "lm_head.", *audio]
+
     # -- features ------------------------------------------------------------------------------
     def feature_settings(self) -> dict[str, Any]:
         settings = self.feature_extractor.to_dict()

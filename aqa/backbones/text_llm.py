@@ -127,6 +127,11 @@ class TextLLMBackbone(ChatLMBackbone):
             raise ValueError(f"LoRA targets {lm_names} match no linear layer of the language model.")
         return pattern
 
+    def full_finetune_prefixes(self, include_audio: bool = False) -> list[str]:
+        if include_audio:
+            raise ValueError("text_llm has no audio tower: set full.include_audio=false.")
+        return ["model.", "lm_head."]
+
     # -- prompts (the chat_lm hook; feature_settings / extract_features stay the protocol's empty ones) --
     def _chat_frame(self) -> tuple[str, str]:
         """The chat template rendered once around a placeholder user text: ``(head, tail)``.

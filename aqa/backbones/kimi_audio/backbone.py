@@ -147,6 +147,12 @@ class KimiAudioBackbone(Backbone):
                              f"among {LM_LINEAR}.")
         return pattern
 
+    def full_finetune_prefixes(self, include_audio: bool = False) -> list[str]:
+        """The trunk (embeddings, layers, norm) and the text head, never the MIMO branch; with
+        ``include_audio`` also the Whisper adaptor and the Whisper encoder."""
+        trunk = ["lm.model.embed_tokens.", "lm.model.layers.", "lm.model.norm.", "lm.lm_head."]
+        return trunk + (["lm.model.vq_adaptor.", "whisper."] if include_audio else [])
+
     # -- features ------------------------------------------------------------------------------
     def feature_settings(self) -> dict[str, Any]:
         whisper = self.whisper_fe.to_dict()
