@@ -78,10 +78,11 @@ class OmniAudioProcessor:
 
 def load_processor(path: str | Path) -> OmniAudioProcessor:
     """Tokenizer, feature extractor (``preprocessor_config.json``) and chat template of a checkpoint dir."""
-    from transformers import AutoTokenizer, WhisperFeatureExtractor
+    from transformers import Qwen2Tokenizer, WhisperFeatureExtractor
 
     path = Path(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    # the release's tokenizer class; AutoTokenizer would first build the full Omni config just to find it
+    tokenizer = Qwen2Tokenizer.from_pretrained(path)
     feature_extractor = WhisperFeatureExtractor.from_pretrained(path)
     template = None
     if (path / CHAT_TEMPLATE_FILE).is_file():

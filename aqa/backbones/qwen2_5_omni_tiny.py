@@ -136,6 +136,7 @@ def build_tiny_qwen2_5_omni_processor(spec: TinyQwen2_5OmniSpec):
 def tiny_qwen2_5_omni_config(spec: TinyQwen2_5OmniSpec, tokenizer):
     """The full ``Qwen2_5OmniConfig`` (thinker, talker, token2wav) of a tiny model over ``tokenizer``."""
     from transformers import Qwen2_5OmniConfig
+    from transformers.utils import logging
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in OMNI_SPECIAL_TOKENS}
     vocab = len(tokenizer)
@@ -200,10 +201,15 @@ def tiny_qwen2_5_omni_config(spec: TinyQwen2_5OmniSpec, tokenizer):
             "resblock_dilation_sizes": [[1, 3, 5]], "upsample_rates": [2, 2], "upsample_kernel_sizes": [4, 4],
         },
     }
-    config = Qwen2_5OmniConfig(thinker_config=thinker, talker_config=talker, token2wav_config=token2wav,
-                               enable_audio_output=True)
-    config.architectures = ["Qwen2_5OmniModel"]  # the released config's (legacy) name
-    return config
+    # Building the composite config first validates a default talker config against its own vocabulary (7
+    # warnings about the 7B's token ids); the values written are the ones above.
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        return Qwen2_5OmniConfig(thinker_config=thinker, talker_config=talker, token2wav_config=token2wav,
+                                 enable_audio_output=True)
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def build_tiny_qwen2_5_omni(spec: TinyQwen2_5OmniSpec | None = None, seed: int = 0):
