@@ -29,7 +29,7 @@ class QATrainSettings(RunSettings):
     model_path: str  # HF model directory (tiny or 7B)
     data_dir: str  # manifest directory with <split>.jsonl and dataset.json
     output_dir: str  # the run dir
-    backbone: str = "qwen2_audio"  # registered backbone: qwen2_audio, kimi_audio, qwen2_5_omni, text_llm
+    backbone: str = "qwen2_audio"  # a registered backbone (aqa/backbones/; python -m aqa.tiny -h lists them)
     train_split: str = "train"  # <data_dir>/<train_split>.jsonl is trained on (must have answers)
     dev_split: str | None = "dev"  # dev accuracy is scored on it; None: no evaluation
     cache_dir: str | None = None  # feature cache (None: <output_dir>/feature_cache)
