@@ -156,6 +156,9 @@ def load_thinker(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Mod
                 fh.__exit__(None, None, None)
         if (path / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(path)
+        # what from_pretrained(path) records: PEFT writes it into adapter_config.json as the base model
+        model.name_or_path = str(path)
+        model.config._name_or_path = str(path)
     missing = sorted(k for k in info.get("missing_keys", ()) if not (k == "lm_head.weight" and _is_tied(model)))
     if missing:
         raise LoadError(f"{path} lacks thinker weights {missing[:5]}{' ...' if len(missing) > 5 else ''}: the "

@@ -259,3 +259,24 @@ def test_a_saved_thinker_loads_plainly_and_names_its_backbone(backbone, tmp_path
         torch.testing.assert_close(a, b)
     with safe_open(str(next(out.glob("*.safetensors"))), framework="pt") as fh:
         assert not any(k.startswith(("talker.", "token2wav.")) for k in fh.keys())
+
+
+def test_export_merges_a_lora_adapter_into_a_plain_thinker_without_naming_the_backbone(tiny_qwen2_5_omni, tmp_path):
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from aqa.export import backbone_name_for, export_merged
+
+    bb = get_backbone(OMNI).from_pretrained(tiny_qwen2_5_omni)
+    apply_lora(bb, LoraConfig(r=2, dropout=0.0))
+    torch.manual_seed(0)
+    for name, p in bb.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    bb.model.save_pretrained(tmp_path / "adapter")
+    examples = _examples(bb, 1)
+    want = bb.option_logits(bb.model, examples)[0]
+    assert backbone_name_for(tiny_qwen2_5_omni) == OMNI  # the release's model_type names it
+    out = export_merged(tmp_path / "adapter", tmp_path / "merged")
+    merged = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(out)
+    assert not any("lora" in n for n in merged.state_dict())
+    torch.testing.assert_close(bb.option_logits(merged, examples)[0], want, atol=1e-5, rtol=1e-4)

@@ -116,6 +116,8 @@ def test_lora_sft_moves_every_lora_tensor_and_loads_with_plain_peft(sft_run, ass
         if key.endswith("audio_bos_eos_token.weight"):  # in the checkpoint, unused by the thinker's forward
             continue
         assert not torch.equal(final[key], mid[key]), f"{key} did not change between steps 2 and 4"
+    config = json.loads((sft_run / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(assets["model"])  # what aqa.export finds the base by
     # plain PEFT on the thinker as transformers loads it from the released directory
     base = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(assets["model"])
     loaded = get_peft_model_state_dict(PeftModel.from_pretrained(base, str(sft_run / "adapter")))
