@@ -1,7 +1,7 @@
 """Qwen2.5-Omni through the users' commands, LoRA and full fine-tuning: ``python -m aqa.tiny qwen2_5_omni`` (the
 released layout), ``deepspeed --num_gpus 2 train/sft.py`` and ``train/grpo.py`` on CPU (gloo) with the demo configs,
 ``python inference/run.py``; then ``finetune=full``: the weights change, ``model/`` loads with plain
-``from_pretrained``, a stopped and resumed run ends with the uninterrupted run's weights, and full GRPO keeps a
+``from_pretrained``, a killed and resumed run ends with the uninterrupted run's weights, and full GRPO keeps a
 frozen reference. The shipped configs are loaded first (fast).
 
 The tiny release is nudged to answer with letters (``favour_letters``, written back into its shards), or every GRPO
@@ -20,7 +20,7 @@ from aqa.grpo.config import load_grpo_config
 from aqa.runtime.logging import read_metrics
 from aqa.sft.config import load_sft_config
 from tests.helpers import assert_files
-from tests.recipes.launch import ROOT, deepspeed, favour_letters, python, synth_data
+from tests.recipes.launch import ROOT, deepspeed, favour_letters, python, run_with_kills, synth_data
 
 SFT_CONFIG = "configs/demo/qwen2_5_omni_sft.yaml"
 GRPO_CONFIG = "configs/demo/qwen2_5_omni_grpo.yaml"
@@ -77,12 +77,15 @@ def assets(tmp_path_factory):
             "cache": root / "cache"}
 
 
+def sft_args(assets, out, *extra) -> list[str]:
+    return ["--config", SFT_CONFIG, f"model_path={assets['model']}", f"data_dir={assets['data']}",
+            f"output_dir={out}", f"cache_dir={assets['cache']}", f"max_steps={STEPS}", "batch.global_size=8",
+            "batch.micro_size=2", "optim.warmup_steps=1", "eval.every_steps=0", "eval.limit=4",
+            "checkpoint.every_steps=2", "logging.every_steps=1", "logging.report_to=[]", "progress=false", *extra]
+
+
 def sft(assets, out, *extra):
-    return deepspeed("train/sft.py", "--config", SFT_CONFIG, f"model_path={assets['model']}",
-                     f"data_dir={assets['data']}", f"output_dir={out}", f"cache_dir={assets['cache']}",
-                     f"max_steps={STEPS}", "batch.global_size=8", "batch.micro_size=2", "optim.warmup_steps=1",
-                     "eval.every_steps=0", "eval.limit=4", "checkpoint.every_steps=2", "logging.every_steps=1",
-                     "logging.report_to=[]", "progress=false", *extra)
+    return deepspeed("train/sft.py", *sft_args(assets, out, *extra))
 
 
 def grpo(assets, out, *extra):
@@ -171,12 +174,12 @@ def test_full_sft_trains_the_weights_and_writes_a_plain_model_dir(full_run, asse
 
 
 @pytest.mark.slow
-def test_full_sft_stopped_and_resumed_ends_with_the_uninterrupted_weights(full_run, assets):
-    out = assets["root"] / "sft_full_resumed"
-    first = sft(assets, out, *FULL, "checkpoint.stop_at_step=2")
-    assert "step 2/4" in first.stdout and not (out / "checkpoints" / "step_00000004").exists()
-    second = sft(assets, out, *FULL)
-    assert "resumed from step_00000002" in second.stdout
+def test_full_sft_killed_and_resumed_ends_with_the_uninterrupted_weights(full_run, assets):
+    out = assets["root"] / "sft_full_killed"
+    # SIGKILL once step 3 is logged (inside step 4 or its checkpoint), then the same command again
+    happened, final = run_with_kills("train/sft.py", sft_args(assets, out, *FULL), out, [("step", 3)])
+    assert happened == ["step@3"]
+    assert "resumed from step_00000002" in final.stdout
     resumed, uninterrupted = _thinker(out / "model"), _thinker(full_run / "model")
     for key in uninterrupted:
         torch.testing.assert_close(resumed[key], uninterrupted[key], atol=1e-6, rtol=0, msg=key)
