@@ -280,3 +280,28 @@ def test_export_merges_a_lora_adapter_into_a_plain_thinker_without_naming_the_ba
     merged = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(out)
     assert not any("lora" in n for n in merged.state_dict())
     torch.testing.assert_close(bb.option_logits(merged, examples)[0], want, atol=1e-5, rtol=1e-4)
+
+
+def test_the_7b_thinker_has_the_released_index_tensor_counts():
+    """Built on the meta device with the 7B's published config values, the thinker's state dict splits as the
+    release's weight index does: 338 text-model + 1 head + 489 audio + 518 vision = 1,346 ``thinker.`` tensors."""
+    from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+
+    config = Qwen2_5OmniThinkerConfig(
+        text_config={"vocab_size": 152064, "hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28,
+                     "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 18944,
+                     "tie_word_embeddings": False,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}},
+        audio_config={"d_model": 1280, "encoder_layers": 32, "encoder_attention_heads": 20, "encoder_ffn_dim": 5120,
+                      "output_dim": 3584},
+        vision_config={"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                       "out_hidden_size": 3584, "fullatt_block_indexes": [7, 15, 23, 31]},
+    )
+    with torch.device("meta"):
+        model = Qwen2_5OmniThinkerForConditionalGeneration(config)
+    keys = list(model.state_dict())
+    count = {p: sum(k.startswith(p) for k in keys) for p in
+             ("model.language_model.", "lm_head.", "model.audio_tower.", "model.visual.")}
+    assert count == {"model.language_model.": 338, "lm_head.": 1, "model.audio_tower.": 489, "model.visual.": 518}
+    assert len(keys) == 1346
+    assert model.lm_head.weight.shape == (152064, 3584)
