@@ -305,3 +305,21 @@ def test_the_7b_thinker_has_the_released_index_tensor_counts():
     assert count == {"model.language_model.": 338, "lm_head.": 1, "model.audio_tower.": 489, "model.visual.": 518}
     assert len(keys) == 1346
     assert model.lm_head.weight.shape == (152064, 3584)
+
+
+def test_a_configured_system_turn_replaces_the_templates_default(backbone, tiny):
+    from aqa.data.prompts import PromptConfig
+
+    ex = _examples(backbone, 1)[0]
+    system = "You are an audio understanding model that answers multiple choice questions based on audio content."
+    backbone.prompt = PromptConfig(system=system)
+    text = backbone._chat_prefix(ex, ex.choices)
+    assert text.startswith(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<|audio_bos|>")
+    assert "You are a helpful assistant." not in text
+    backbone.prompt = PromptConfig()
+    assert backbone._chat_prefix(ex, ex.choices).startswith("<|im_start|>system\nYou are a helpful assistant.")
+    text_llm = get_backbone("text_llm").from_pretrained(tiny.shared("text_llm"),
+                                                        prompt=PromptConfig(system=system, events=False))
+    assert text_llm._chat_prefix(ex, ex.choices).startswith(f"<|im_start|>system\n{system}<|im_end|>")
+    with pytest.raises(ValueError, match="no system turn"):
+        get_backbone("kimi_audio").from_pretrained(tiny.shared("kimi_audio"), prompt=PromptConfig(system=system))

@@ -45,7 +45,11 @@ def test_shipped_omni_configs_follow_the_report_and_audiomcq():
     assert g.rewards == {"accuracy": 2.0, "format": 0.5} and (grpo.optim.lr, grpo.max_steps) == (1e-6, 2000)
     assert load_grpo_config(ROOT / "configs/qwen2_5_omni/grpo.yaml").sft_adapter == lora.output_dir + "/adapter"
     infer = load_config(InferConfig, ROOT / "configs/qwen2_5_omni/infer.yaml")
-    assert infer.backbone == "qwen2_5_omni" and infer.prompt == lora.prompt == full.prompt == grpo.prompt
+    assert infer.backbone == "qwen2_5_omni" and infer.prompt == lora.prompt and lora.prompt.system is None
+    infer_full = load_config(InferConfig, ROOT / "configs/qwen2_5_omni/infer_full.yaml")
+    assert infer_full.prompt == full.prompt == grpo.prompt and infer_full.adapter is None
+    assert full.prompt.system.startswith("You are an audio understanding model")  # AudioMCQ's system prompt
+    assert infer_full.model_path == grpo.output_dir + "/model"
     demo = load_sft_config(ROOT / SFT_CONFIG)
     assert demo.model_path == "runs/demo/models/qwen2_5_omni" and demo.lora.modules_to_save == ["audio_tower"]
 

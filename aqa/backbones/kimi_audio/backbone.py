@@ -96,6 +96,8 @@ class KimiAudioBackbone(Backbone):
         self.speech_tokenizer = speech_tokenizer
         self.whisper_fe = whisper_fe
         self.prompt = prompt or PromptConfig()
+        if self.prompt.system is not None:
+            raise ValueError("kimi_audio's prompt has no system turn: set prompt.system=null.")
         self.ids = SpecialIds.from_config(model.config)
         self._letter_ids: torch.Tensor | None = None
 
