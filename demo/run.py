@@ -107,6 +107,12 @@ def build_members(py: str, ds: list[str]) -> list[Member]:
             "kimi_audio_sft", "kimi_audio", "sft", "runs/demo/kimi_audio_sft", str(cfg / "kimi_audio_infer.yaml"),
             train=[("kimi_audio SFT", [*ds, "train/sft.py", "--config", str(cfg / "kimi_audio_sft.yaml")])],
         ))
+    if (cfg / "qwen2_5_omni_sft.yaml").is_file():
+        members.append(Member(
+            "qwen2_5_omni_sft", "qwen2_5_omni", "sft", "runs/demo/qwen2_5_omni_sft",
+            str(cfg / "qwen2_5_omni_infer.yaml"),
+            train=[("qwen2_5_omni SFT", [*ds, "train/sft.py", "--config", str(cfg / "qwen2_5_omni_sft.yaml")])],
+        ))
     if (cfg / "cascade_sft.yaml").is_file():
         sed, events = "runs/demo/cascade/sed/model", "runs/demo/cascade/events"
         cascade = [

@@ -20,6 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 pytest.register_assert_rewrite("tests.helpers", "tests.recipes.launch")  # their asserts explain a failure as a test's do
 # imported after the environment is set: huggingface_hub reads HF_HUB_OFFLINE when it is first imported
 from aqa.backbones.kimi_audio.tiny import TinyKimiAudioSpec, write_tiny_kimi_audio  # noqa: E402
+from aqa.backbones.qwen2_5_omni_tiny import TinyQwen2_5OmniSpec, write_tiny_qwen2_5_omni  # noqa: E402
 from aqa.backbones.qwen2_audio_tiny import TinyQwen2AudioSpec, write_tiny_qwen2_audio  # noqa: E402
 from aqa.backbones.text_llm_tiny import TinyQwen2TextSpec, write_tiny_text_llm  # noqa: E402
 from aqa.sed.labels import LabelMap  # noqa: E402
@@ -29,6 +30,7 @@ WRITERS = {  # kind -> (writer, its spec): a spec's keys are the sizes a test ma
     "qwen2_audio": (write_tiny_qwen2_audio, TinyQwen2AudioSpec),
     "text_llm": (write_tiny_text_llm, TinyQwen2TextSpec),
     "kimi_audio": (write_tiny_kimi_audio, TinyKimiAudioSpec),
+    "qwen2_5_omni": (write_tiny_qwen2_5_omni, TinyQwen2_5OmniSpec),
 }
 
 
@@ -86,3 +88,9 @@ def tiny_text_llm(tiny) -> Path:
 def tiny_kimi_audio(tiny) -> Path:
     """The tiny Kimi-Audio release of seed 0 (shared: read-only)."""
     return tiny.shared("kimi_audio")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_omni(tiny) -> Path:
+    """The tiny Qwen2.5-Omni release (thinker, talker, token2wav; sharded) of seed 0 (shared: read-only)."""
+    return tiny.shared("qwen2_5_omni")

@@ -9,7 +9,8 @@ DeepSpeed engine, resume) -> loop over rounds (rollouts with one prefill per que
 group advantages, reference log-probs with the adapter off, clipped loss with KL, optimizer steps,
 logging, checkpoints) -> save (final checkpoint and the adapter stacked onto the SFT one). The run
 dir holds config.yaml, ds_config.json, metrics.jsonl, checkpoints/step_N/ and adapter/ (plain PEFT
-on the base model, safetensors).
+on the base model, safetensors). With ``finetune=full`` the policy's own weights train, the reference is
+a frozen copy of the starting model (one more model in memory), and the run writes model/ instead.
 
 Shapes: B = batch.per_device questions per rank, G = grpo.num_generations, T completion tokens.
 """
@@ -20,11 +21,12 @@ import sys
 import time
 
 from aqa.backbones import get_backbone
+from aqa.backbones.full import MODEL, apply_full, frozen_reference, save_model
 from aqa.data.dataset import ShardedSampler, collate_examples, qa_datasets
 from aqa.eval.dev import evaluate
 from aqa.grpo.config import GRPOConfig, engine_batch, total_rounds, total_steps
 from aqa.grpo.engines import build_rollout_engine
-from aqa.grpo.policy import grpo_adapter_config, policy_from_sft, save_stacked_adapter
+from aqa.grpo.policy import fold_sft_adapter, grpo_adapter_config, policy_from_sft, save_stacked_adapter
 from aqa.grpo.rollout import is_noop_round, sample_group, score_groups
 from aqa.grpo.step import group_loss, loss_metrics, rollout_metrics
 from aqa.runtime import checkpoint as ckpt
@@ -44,10 +46,22 @@ def train(cfg: GRPOConfig) -> dict:
     G, iters = cfg.grpo.num_generations, cfg.grpo.num_iterations
 
     # -- model: SFT adapter folded into the weights + a fresh GRPO adapter; the reference is this model
-    #    with the GRPO adapter disabled (no second copy)
+    #    with the GRPO adapter disabled (no second copy). finetune=full: the (SFT) model's own weights train
+    #    and the reference is a frozen copy of them, the memory of one more model
     backbone = get_backbone(cfg.backbone).from_pretrained(cfg.model_path, device=run.device, dtype=run.dtype,
                                                           prompt=cfg.prompt)
-    model = policy_from_sft(backbone, cfg.sft_adapter, cfg.lora)
+    full, frozen_ref = cfg.finetune == "full", None
+    if full:
+        if cfg.sft_adapter:
+            fold_sft_adapter(backbone, cfg.sft_adapter)
+        model = apply_full(backbone, cfg.full)
+        if cfg.grpo.beta > 0:
+            frozen_ref, ref_bytes = frozen_reference(model)
+            if info.is_main:
+                print(f"grpo: finetune=full keeps a frozen reference copy for the KL term: {ref_bytes / 2**30:.2f} "
+                      f"GiB more per rank ({run.dtype}); beta=0 needs none", flush=True)
+    else:
+        model = policy_from_sft(backbone, cfg.sft_adapter, cfg.lora)
     rollouts = build_rollout_engine(cfg.grpo.rollout)  # static cache + CUDA graph, or the eager loop
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -74,13 +88,16 @@ def train(cfg: GRPOConfig) -> dict:
     state = resume_state(engine, run)
     logger = open_run(cfg, run, state, ds_config)
     if info.is_main:
-        print(f"grpo: {info.world_size} rank(s) on {run.device.type}, {run.precision}, {n_train:,} GRPO adapter "
-              f"parameters; {len(train_ds)} questions, {rounds} rounds x {iters} step(s) of {accumulation} x "
+        print(f"grpo: {info.world_size} rank(s) on {run.device.type}, {run.precision}, {n_train:,} "
+              f"{'trained' if full else 'GRPO adapter'} parameters; {len(train_ds)} questions, {rounds} rounds x {iters} step(s) of {accumulation} x "
               f"{cfg.batch.per_device} questions x G={G} per rank"
               + (f"; resumed from {run.resume_dir.name}" if run.resume_dir else ""), flush=True)
 
     def save(step: int) -> None:
         state.global_step, state.rng = step, ckpt.capture_rng()
+        if full:  # DeepSpeed's files hold the trained weights and the optimizer; model/ is written at the end
+            ckpt.save_checkpoint(engine, run.ckpt_root, state, keep_last=cfg.checkpoint.keep_last)
+            return
         adapter_state = ckpt.trainable_state(engine, engine.module)  # collective: fp32 masters from ZeRO
         tag_dir = ckpt.save_checkpoint(engine, run.ckpt_root, state, keep_last=cfg.checkpoint.keep_last)
         if info.is_main:  # the stacked adapter, loadable on the base model like the final one
@@ -112,7 +129,7 @@ def train(cfg: GRPOConfig) -> dict:
         #    (so the step count and the LR schedule stay in lock-step) and is counted as a no-op round.
         noop = is_noop_round(groups)
         state.noop_rounds += int(noop)
-        score_groups(backbone, engine, groups, cfg.grpo)
+        score_groups(backbone, engine, groups, cfg.grpo, frozen_ref)
         losses, stats = [], []
         n_steps = min(iters, stop_step - state.global_step)  # max_steps is exact: the last round may stop early
         for _ in range(n_steps):  # each pass over the round is one optimizer step
@@ -163,18 +180,25 @@ def train(cfg: GRPOConfig) -> dict:
         dev_metrics = dev_eval(step)
     if last_saved != step:
         save(step)
-    adapter_state = ckpt.trainable_state(engine, engine.module)
-    if info.is_main:
-        save_stacked_adapter(cfg.sft_adapter, adapter_state, grpo_adapter_config(engine), run.run_dir / ckpt.ADAPTER)
-        print(f"grpo: step {step}/{total}; adapter (SFT + GRPO, on the base model) in {run.run_dir / ckpt.ADAPTER}",
-              flush=True)
+    if full:  # ZeRO-2 keeps whole weights on every rank: the main one writes them
+        if info.is_main:
+            save_model(backbone, engine.module, run.run_dir / MODEL)
+            print(f"grpo: step {step}/{total}; model in {run.run_dir / MODEL}", flush=True)
+    else:
+        adapter_state = ckpt.trainable_state(engine, engine.module)
+        if info.is_main:
+            save_stacked_adapter(cfg.sft_adapter, adapter_state, grpo_adapter_config(engine),
+                                 run.run_dir / ckpt.ADAPTER)
+            print(f"grpo: step {step}/{total}; adapter (SFT + GRPO, on the base model) in "
+                  f"{run.run_dir / ckpt.ADAPTER}", flush=True)
     return finish(logger, {"step": step, "total_steps": total, "nonfinite": state.nonfinite_steps,
                            "noop_rounds": state.noop_rounds, "skipped_steps": engine.skipped_steps,
                            **{f"dev_{k}": v for k, v in dev_metrics.items()}})
 
 
 def main(argv: list[str] | None = None) -> int:
-    return recipe_main("GRPO from an SFT adapter under DeepSpeed ZeRO-2.", GRPOConfig, train, argv)
+    return recipe_main("GRPO from an SFT adapter (or, with finetune=full, an SFT model) under DeepSpeed ZeRO-2.",
+                       GRPOConfig, train, argv)
 
 
 if __name__ == "__main__":

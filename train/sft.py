@@ -1,4 +1,5 @@
-"""LoRA supervised fine-tuning of an audio-language model for multiple-choice audio QA.
+"""Supervised fine-tuning (LoRA, or full with ``finetune=full``) of an audio-language model for multiple-choice
+audio QA.
 
     deepspeed train/sft.py --config configs/qwen2_audio/sft.yaml [key=value ...]     # GPUs of this node
     deepspeed --hostfile hosts train/sft.py --config ...                               # several nodes
@@ -7,8 +8,9 @@
 
 The recipe reads top to bottom: setup (processes, model + LoRA, data, DeepSpeed engine, resume) ->
 loop (micro-batches, loss on the answer tokens, optimizer steps, logging, dev accuracy, checkpoints)
--> save (final checkpoint and adapter). The run dir (``output_dir``) ends up holding config.yaml,
-ds_config.json, metrics.jsonl, checkpoints/step_N/ and adapter/ (plain PEFT, safetensors).
+-> save (final checkpoint and adapter or model). The run dir (``output_dir``) ends up holding config.yaml,
+ds_config.json, metrics.jsonl, checkpoints/step_N/ and adapter/ (plain PEFT, safetensors) or, with
+``finetune=full``, model/ (a plain HF directory, safetensors).
 
 Shapes: B = batch.micro_size questions per rank, T tokens, F mel frames.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import sys
 
 from aqa.backbones import get_backbone
+from aqa.backbones.full import MODEL, apply_full, save_model
 from aqa.backbones.lora import apply_lora
 from aqa.data.dataset import ShardedSampler, collate_examples, qa_datasets
 from aqa.eval.dev import evaluate
@@ -38,12 +41,14 @@ def train(cfg: SFTConfig) -> dict:
     run = start_run(cfg)
     info = run.info
 
-    # -- model: the backbone from its directory, LoRA on the language model (audio side only if configured)
+    # -- model: the backbone from its directory, LoRA on the language model (audio side only if configured),
+    #    or with finetune=full the language model's own weights (and the audio side if configured)
     backbone = get_backbone(cfg.backbone).from_pretrained(cfg.model_path, device=run.device, dtype=run.dtype,
                                                           prompt=cfg.prompt)
     if cfg.gradient_checkpointing:  # activations recomputed in the backward: memory for a larger micro-batch
         enable_gradient_checkpointing(backbone)
-    model = apply_lora(backbone, cfg.lora)  # only LoRA tensors require grad now
+    full = cfg.finetune == "full"
+    model = apply_full(backbone, cfg.full) if full else apply_lora(backbone, cfg.lora)  # what requires grad
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
 
@@ -76,6 +81,9 @@ def train(cfg: SFTConfig) -> dict:
 
     def save(step: int) -> None:
         state.global_step, state.rng = step, ckpt.capture_rng()
+        if full:  # DeepSpeed's files hold the trained weights and the optimizer; model/ is written at the end
+            ckpt.save_checkpoint(engine, run.ckpt_root, state, keep_last=cfg.checkpoint.keep_last)
+            return
         adapter_state = ckpt.trainable_state(engine, engine.module)  # collective: fp32 masters from ZeRO
         ckpt.save_checkpoint(engine, run.ckpt_root, state, adapter_state, engine.module,
                              keep_last=cfg.checkpoint.keep_last)
@@ -139,16 +147,21 @@ def train(cfg: SFTConfig) -> dict:
         dev_metrics = dev_eval(step)
     if last_saved != step:
         save(step)
-    adapter_state = ckpt.trainable_state(engine, engine.module)  # collective
-    if info.is_main:
-        ckpt.save_adapter(engine.module, run.run_dir / ckpt.ADAPTER, adapter_state)
-        print(f"sft: step {step}/{total}; adapter in {run.run_dir / ckpt.ADAPTER}", flush=True)
+    if full:  # ZeRO-2 keeps whole weights on every rank: the main one writes them
+        if info.is_main:
+            save_model(backbone, engine.module, run.run_dir / MODEL)
+            print(f"sft: step {step}/{total}; model in {run.run_dir / MODEL}", flush=True)
+    else:
+        adapter_state = ckpt.trainable_state(engine, engine.module)  # collective
+        if info.is_main:
+            ckpt.save_adapter(engine.module, run.run_dir / ckpt.ADAPTER, adapter_state)
+            print(f"sft: step {step}/{total}; adapter in {run.run_dir / ckpt.ADAPTER}", flush=True)
     return finish(logger, {"step": step, "total_steps": total, "nonfinite": state.nonfinite_steps,
                            "skipped_steps": engine.skipped_steps, **{f"dev_{k}": v for k, v in dev_metrics.items()}})
 
 
 def main(argv: list[str] | None = None) -> int:
-    return recipe_main("LoRA SFT under DeepSpeed ZeRO-2.", SFTConfig, train, argv)
+    return recipe_main("SFT (LoRA or full) under DeepSpeed ZeRO-2.", SFTConfig, train, argv)
 
 
 if __name__ == "__main__":

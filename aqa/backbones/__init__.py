@@ -2,6 +2,7 @@
 
 from aqa.backbones import (
     kimi_audio,  # noqa: F401  (registers "kimi_audio")
+    qwen2_5_omni,  # noqa: F401  (registers "qwen2_5_omni")
     qwen2_audio,  # noqa: F401  (registers "qwen2_audio")
     text_llm,  # noqa: F401  (registers "text_llm")
 )

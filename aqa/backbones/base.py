@@ -30,6 +30,7 @@ class SamplingConfig:
 
     temperature: float = 1.0  # softmax temperature of the sampled tokens (log-probs are taken at it too)
     top_p: float = 1.0  # nucleus sampling: the smallest set of tokens with this much probability (1: off)
+    top_k: int = 0  # sample among the k most likely tokens only (0: off); applied before top_p
     max_new_tokens: int = 8  # completion length cap; a completion also ends at the end-of-turn token
 
 
@@ -76,6 +77,12 @@ class Backbone(ABC):
         ``names`` narrows the choice to these leaf names (e.g. ``["q_proj", "v_proj"]``) while keeping it
         on the language model; None means the backbone's default set. Raises if nothing matches.
         """
+
+    def full_finetune_prefixes(self, include_audio: bool = False) -> list[str]:
+        """Parameter-name prefixes (on the unwrapped model) that full fine-tuning trains: the language model
+        and its output head; with ``include_audio`` also the audio encoder and its projector. Never the
+        parts a backbone keeps frozen by design (a vision tower, Kimi-Audio's MIMO branch)."""
+        raise NotImplementedError(f"{self.name} does not support full fine-tuning yet; use finetune: lora")
 
     # -- features ------------------------------------------------------------------------------
     def feature_settings(self) -> dict[str, Any]:

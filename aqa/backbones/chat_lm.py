@@ -54,6 +54,12 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def system_turn(prompt: PromptConfig) -> list[dict]:
+    """The chat messages before the user turn: ``prompt.system`` as a system message, or none (the chat
+    template then writes its default system turn)."""
+    return [{"role": "system", "content": prompt.system}] if prompt.system is not None else []
+
+
 def right_pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged id lists -> ids ``[R, T]`` padded on the right with ``value``, and mask ``[R, T]``."""
     width = max(len(r) for r in rows)

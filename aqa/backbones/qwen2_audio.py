@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from aqa.backbones.base import register
-from aqa.backbones.chat_lm import ChatLMBackbone, eval_mode, unwrap
+from aqa.backbones.chat_lm import ChatLMBackbone, eval_mode, system_turn, unwrap
 from aqa.backbones.qwen2_audio_tiny import TinyQwen2AudioSpec, write_tiny_qwen2_audio
 from aqa.data.example import Example
 from aqa.data.prompts import PromptConfig, render_question
@@ -56,6 +56,7 @@ class Qwen2AudioBackbone(ChatLMBackbone):
         self.im_end_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self._init_chat_state()
         self._frame: tuple[str, str] | None = None  # chat template around the user text
+        self._frame_system: str | None = None  # the prompt.system it was rendered with
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
@@ -103,6 +104,10 @@ class Qwen2AudioBackbone(ChatLMBackbone):
             raise ValueError(f"LoRA targets {lm_names} match no linear layer of the language model.")
         return pattern
 
+    def full_finetune_prefixes(self, include_audio: bool = False) -> list[str]:
+        audio = ["model.audio_tower.", "model.multi_modal_projector."] if include_audio else []
+        return ["model.language_model.", "lm_head.", *audio]
+
     # -- features ------------------------------------------------------------------------------
     def feature_settings(self) -> dict[str, Any]:
         settings = self.feature_extractor.to_dict()
@@ -128,16 +133,16 @@ class Qwen2AudioBackbone(ChatLMBackbone):
         Rendering Jinja for each of K orders of each question costs more than the tiny model's forward;
         the template inserts the user text verbatim, so head + text + tail is the same string.
         """
-        if self._frame is None:
+        if self._frame is None or self._frame_system != self.prompt.system:
             marker = "\x00USER_TEXT\x00"
-            messages = [{"role": "user", "content": [{"type": "audio", "audio": "clip"},
-                                                     {"type": "text", "text": marker}]}]
+            messages = system_turn(self.prompt) + [
+                {"role": "user", "content": [{"type": "audio", "audio": "clip"}, {"type": "text", "text": marker}]}]
             # the processor's template: checkpoints keep it there (chat_template.jinja / .json)
             text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             if text.count(marker) != 1:
                 raise ValueError("the checkpoint's chat template does not place the user text exactly once.")
             head, tail = text.split(marker)
-            self._frame = (head, tail)
+            self._frame, self._frame_system = (head, tail), self.prompt.system
         return self._frame
 
     def _chat_prefix(self, ex: Example, choices: list[str]) -> str:

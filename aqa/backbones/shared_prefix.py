@@ -105,10 +105,13 @@ def _prefill(model: nn.Module, prompt: PromptBatch, repeat: int):
 
 
 def _filter_logits(logits: torch.Tensor, sampling: SamplingConfig, suppress: torch.Tensor) -> torch.Tensor:
-    """Suppressed ids to -inf, temperature, then top-p (nucleus) filtering. ``[N, V]`` -> ``[N, V]``."""
+    """Suppressed ids to -inf, temperature, then top-k and top-p (nucleus) filtering. ``[N, V]`` -> ``[N, V]``."""
     logits = logits.float()
     logits[:, suppress] = float("-inf")
     logits = logits / sampling.temperature
+    if 0 < sampling.top_k < logits.shape[-1]:
+        kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]  # [N, 1] the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     if sampling.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)

@@ -61,14 +61,19 @@ def nucleus_keep(probs: torch.Tensor, top_p: float, iters: int = NUCLEUS_ITERS) 
 
 def draw(logits: torch.Tensor, sampling: SamplingConfig, suppress: torch.Tensor,
          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row from ``[N, V]`` logits: suppressed ids (``[V]`` bool) never, temperature, top-p.
+    """One token per row from ``[N, V]`` logits: suppressed ids (``[V]`` bool) never, temperature, top-k
+    (``topk``, a partial selection, not a sort), top-p.
 
     Returns ids ``[N]`` and their log-probs ``[N]`` under ``softmax(logits / temperature)``, unfiltered,
     as ``shared_prefix.completion_logprobs`` scores them for the loss.
     """
     scaled = logits.float() / sampling.temperature
     logp = scaled.log_softmax(dim=-1)
-    probs = scaled.masked_fill(suppress, float("-inf")).softmax(dim=-1)
+    kept = scaled.masked_fill(suppress, float("-inf"))
+    if 0 < sampling.top_k < kept.shape[-1]:
+        kth = kept.topk(sampling.top_k, dim=-1).values[:, -1:]  # [N, 1] the k-th largest logit
+        kept = kept.masked_fill(kept < kth, float("-inf"))
+    probs = kept.softmax(dim=-1)
     if sampling.top_p < 1.0:
         probs = probs * nucleus_keep(probs, sampling.top_p)
     race = torch.empty_like(probs).exponential_(generator=generator)
@@ -88,6 +93,7 @@ class _Shape:
     dtype: torch.dtype
     device: str
     temperature: float
+    top_k: int
     top_p: float
     eos: tuple[int, ...]
     pad: int
@@ -106,7 +112,8 @@ class _Run:
         dev = torch.device(shape.device)
         self.length = C + G * T
         self.cache = Cache(layers=[StaticLayer(max_cache_len=self.length) for _ in range(n_layers)])
-        self.sampling = SamplingConfig(temperature=shape.temperature, top_p=shape.top_p, max_new_tokens=T)
+        self.sampling = SamplingConfig(temperature=shape.temperature, top_k=shape.top_k, top_p=shape.top_p,
+                                       max_new_tokens=T)
         slot = torch.arange(self.length, device=dev)
         completion = slot >= C
         self.own = completion[None, :] & ((slot - C) % G == torch.arange(G, device=dev)[:, None])  # [G, L]
@@ -244,7 +251,7 @@ class StaticDecoder:
     def _prepare(self, decoder, head, prompt, B, G, P, V, last, sampling, rules, n_layers) -> _Run:
         """The run for this shape: the current one when the prompt fits its slots, else a new one."""
         shape = _Shape(id(head), B, G, sampling.max_new_tokens, V, last.dtype, str(last.device),
-                       float(sampling.temperature), float(sampling.top_p), tuple(rules.eos_ids), int(rules.pad_id),
+                       float(sampling.temperature), int(sampling.top_k), float(sampling.top_p), tuple(rules.eos_ids), int(rules.pad_id),
                        tuple(sorted(prompt.step_extra)))
         run = self._run
         if run is not None and run.shape == shape and P <= run.slots:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from aqa.backbones.base import register
-from aqa.backbones.chat_lm import ASSISTANT_START, ChatLMBackbone, unwrap
+from aqa.backbones.chat_lm import ASSISTANT_START, ChatLMBackbone, system_turn, unwrap
 from aqa.backbones.text_llm_tiny import TinyQwen2TextSpec, write_tiny_text_llm
 from aqa.data.example import Example
 from aqa.data.prompts import PromptConfig, render_event, render_events, render_question
@@ -78,6 +78,7 @@ class TextLLMBackbone(ChatLMBackbone):
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else tokenizer.convert_tokens_to_ids("<|im_end|>"))
         self._frame: tuple[str, str] | None = None  # chat template around the user text
+        self._frame_system: str | None = None  # the prompt.system it was rendered with
         self._init_chat_state()
         # A bad event_format fails here, at start, not at the first clip that has events.
         render_event({"label": "Dog bark", "onset": 0.0, "offset": 1.0, "score": 0.5}, self.prompt)
@@ -127,6 +128,11 @@ class TextLLMBackbone(ChatLMBackbone):
             raise ValueError(f"LoRA targets {lm_names} match no linear layer of the language model.")
         return pattern
 
+    def full_finetune_prefixes(self, include_audio: bool = False) -> list[str]:
+        if include_audio:
+            raise ValueError("text_llm has no audio tower: set full.include_audio=false.")
+        return ["model.", "lm_head."]
+
     # -- prompts (the chat_lm hook; feature_settings / extract_features stay the protocol's empty ones) --
     def _chat_frame(self) -> tuple[str, str]:
         """The chat template rendered once around a placeholder user text: ``(head, tail)``.
@@ -134,15 +140,15 @@ class TextLLMBackbone(ChatLMBackbone):
         The template inserts the user text verbatim, so head + text + tail is what it would render for
         each question, without running Jinja K times per question.
         """
-        if self._frame is None:
+        if self._frame is None or self._frame_system != self.prompt.system:
             marker = "\x00USER_TEXT\x00"
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
-                                                      add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(system_turn(self.prompt) + [{"role": "user", "content": marker}],
+                                                      tokenize=False, add_generation_prompt=True)
             if text.count(marker) != 1 or not text.endswith(ASSISTANT_START):
                 raise ValueError("the checkpoint's chat template must place the user text once and end with "
                                  f"{ASSISTANT_START!r} (ChatML).")
             head, tail = text.split(marker)
-            self._frame = (head, tail)
+            self._frame, self._frame_system = (head, tail), self.prompt.system
         return self._frame
 
     def _chat_prefix(self, ex: Example, choices: list[str]) -> str:

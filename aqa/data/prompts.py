@@ -17,6 +17,10 @@ class PromptConfig:
     option_format: str = "({letter}) {text}"  # one option line; fields: letter, text
     # The SFT target: the letter alone ("{letter}") or with its text ("({letter}) {text}").
     target_format: str = "{letter}"
+    # The system turn's text (AudioMCQ's: "You are an audio understanding model that answers multiple choice
+    # questions based on audio content."); None: the checkpoint chat template's own default. Chat-template backbones
+    # only (kimi_audio's prompt has no system turn and refuses it).
+    system: str | None = None
     # Text backbones (text_llm) read the clip as its detected sound events (``meta.events``, as written by
     # data_prep.sed_events) placed before the question; audio backbones ignore these five keys.
     events: bool = True  # false: the question and options alone (the cascade's no-events ablation)

@@ -18,7 +18,7 @@ from aqa.rl.rewards import check_weights
 from aqa.runtime.sections import (
     BatchConfig,
 )
-from aqa.sft.config import QATrainSettings
+from aqa.sft.config import QATrainSettings, check_finetune
 
 ROLLOUT_ENGINES = ("static", "eager")  # the engines of aqa/grpo/engines.py
 
@@ -37,7 +37,7 @@ class GRPOSection:
 
     num_generations: int = 6  # G completions per question
     epsilon: float = 0.2  # clip range of the importance ratio
-    beta: float = 0.1  # weight of the k3 KL to the reference (the SFT model)
+    beta: float = 0.1  # weight of the k3 KL to the reference (the SFT model; with finetune=full a frozen copy of it)
     num_iterations: int = 1  # optimizer steps per round of rollouts (>1 uses old-policy log-probs)
     advantage_eps: float = 1e-4  # (r - mean) / (std + eps)
     rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0})  # name -> weight
@@ -57,11 +57,17 @@ class GRPOBatchConfig:
 class GRPOConfig(QATrainSettings):
     """The ``train/grpo.py`` config. Sections shared with SFT have the same meaning there."""
 
-    sft_adapter: str  # <sft output_dir>/adapter: the starting policy and the reference
+    # <sft output_dir>/adapter: the starting policy and the reference, folded into model_path's weights. Needed for
+    # finetune=lora; with finetune=full, null when model_path is already the SFT model (<sft output_dir>/model)
+    sft_adapter: str | None = None
     grpo: GRPOSection = field(default_factory=GRPOSection)
     batch: GRPOBatchConfig = field(default_factory=GRPOBatchConfig)
 
     def __post_init__(self) -> None:
+        check_finetune(self)
+        if self.finetune == "lora" and not self.sft_adapter:
+            raise ConfigError("finetune=lora starts GRPO from an SFT adapter: set sft_adapter=<sft output_dir>/adapter "
+                              "(or finetune=full with model_path=<sft output_dir>/model).")
         g = self.grpo
         checks = {
             "grpo.num_generations": (g.num_generations >= 2, "at least 2: advantages compare completions"),
@@ -71,6 +77,7 @@ class GRPOConfig(QATrainSettings):
             "grpo.advantage_eps": (g.advantage_eps >= 0, ">= 0"),
             "grpo.sampling.temperature": (g.sampling.temperature > 0, "> 0"),
             "grpo.sampling.top_p": (0 < g.sampling.top_p <= 1, "in (0, 1]"),
+            "grpo.sampling.top_k": (g.sampling.top_k >= 0, ">= 0 (0: off)"),
             "grpo.sampling.max_new_tokens": (g.sampling.max_new_tokens >= 1, ">= 1"),
             "grpo.rollout.engine": (g.rollout.engine in ROLLOUT_ENGINES, f"one of {', '.join(ROLLOUT_ENGINES)}"),
             "batch.per_device": (self.batch.per_device >= 1, ">= 1"),

@@ -2,7 +2,9 @@
 
 The SFT adapter is folded into the base weights, and a fresh LoRA adapter (the GRPO one) goes on the
 same layers. The reference policy is then this very model with the GRPO adapter disabled: exactly
-the SFT model, with no second copy in memory.
+the SFT model, with no second copy in memory. With ``finetune=full`` there is no adapter to disable: the
+reference is a frozen copy of the starting weights (``aqa.backbones.full.frozen_reference``), passed to
+:func:`reference` as ``frozen``.
 
 What a run exports must load onto the *base* model with plain ``PeftModel.from_pretrained``, so the
 two low-rank updates are stacked into one adapter of rank ``r_sft + r_grpo``:
@@ -49,6 +51,19 @@ def _lora_scaling(config: dict[str, Any], where: str) -> float:
     return float(config["lora_alpha"]) / float(config["r"])
 
 
+def fold_sft_adapter(backbone: Backbone, sft_adapter: str | Path) -> dict[str, Any]:
+    """Load and check the SFT adapter and fold it into ``backbone.model``'s weights; returns its config."""
+    sft_adapter = Path(sft_adapter)
+    if not sft_adapter.is_dir():
+        raise AdapterError(f"sft_adapter {sft_adapter} does not exist. Train SFT first (train/sft.py) and point "
+                           "sft_adapter at its <output_dir>/adapter directory.")
+    load_adapter(backbone, sft_adapter)  # checks every tensor against this base first
+    config = json.loads((sft_adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    _lora_scaling(config, str(sft_adapter))
+    merge_lora(backbone)
+    return config
+
+
 def policy_from_sft(backbone: Backbone, sft_adapter: str | Path, lora: LoraConfig) -> nn.Module:
     """Load and check the SFT adapter, fold it into the weights, and add a fresh trainable GRPO adapter on
     the same target modules. Sets and returns ``backbone.model`` (a PEFT model).
@@ -63,14 +78,7 @@ def policy_from_sft(backbone: Backbone, sft_adapter: str | Path, lora: LoraConfi
                            "adapter goes on the SFT adapter's layers, so the two stack into one exported "
                            "adapter (modules the SFT adapter trained in full are folded in and stay frozen). "
                            "Set them to null/false.")
-    sft_adapter = Path(sft_adapter)
-    if not sft_adapter.is_dir():
-        raise AdapterError(f"sft_adapter {sft_adapter} does not exist. Train SFT first (train/sft.py) and point "
-                           "sft_adapter at its <output_dir>/adapter directory.")
-    load_adapter(backbone, sft_adapter)  # checks every tensor against this base first
-    config = json.loads((sft_adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    _lora_scaling(config, str(sft_adapter))
-    merge_lora(backbone)
+    config = fold_sft_adapter(backbone, sft_adapter)
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
                               target_modules=config["target_modules"])
     backbone.model = get_peft_model(backbone.model, peft_cfg)
@@ -88,10 +96,15 @@ def peft_model(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def reference(model: nn.Module) -> Iterator[None]:
-    """Inside the block ``model`` is the reference policy (GRPO adapter off), without gradients."""
+def reference(model: nn.Module, frozen: nn.Module | None = None) -> Iterator[nn.Module]:
+    """The reference policy for the block, without gradients: ``frozen`` (a full fine-tune's frozen copy)
+    when given, else ``model`` with its GRPO adapter off. Yields the module to score with."""
+    if frozen is not None:
+        with torch.no_grad():
+            yield frozen
+        return
     with torch.no_grad(), peft_model(model).disable_adapter():
-        yield
+        yield model
 
 
 def _adapter_tensors(state: dict[str, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:

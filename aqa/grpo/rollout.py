@@ -51,13 +51,14 @@ def sample_group(backbone: Backbone, model: nn.Module, examples: list[Example], 
 
 
 @torch.no_grad()
-def score_groups(backbone: Backbone, model: nn.Module, groups: list[Group], cfg: GRPOSection) -> None:
-    """Fill each group's reference log-probs (adapter off) and, for ``num_iterations > 1``, the sampling
-    policy's, both computed once per round before any update."""
+def score_groups(backbone: Backbone, model: nn.Module, groups: list[Group], cfg: GRPOSection,
+                 frozen_ref: nn.Module | None = None) -> None:
+    """Fill each group's reference log-probs (adapter off, or ``frozen_ref`` for a full fine-tune) and, for
+    ``num_iterations > 1``, the sampling policy's, both computed once per round before any update."""
     for group in groups:
         if cfg.beta > 0:
-            with reference(model):
-                group.ref_logp = backbone.completion_logprobs(model, group.rollout)
+            with reference(model, frozen_ref) as ref:
+                group.ref_logp = backbone.completion_logprobs(ref, group.rollout)
         if cfg.num_iterations > 1:
             group.old_logp = backbone.completion_logprobs(model, group.rollout)
 

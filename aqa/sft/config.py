@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aqa.backbones.full import FINETUNE_MODES, FullConfig
 from aqa.backbones.lora import LoraConfig
 from aqa.config import ConfigError, load_config
 from aqa.data.augment import AugmentConfig
@@ -28,14 +29,25 @@ class QATrainSettings(RunSettings):
     model_path: str  # HF model directory (tiny or 7B)
     data_dir: str  # manifest directory with <split>.jsonl and dataset.json
     output_dir: str  # the run dir
-    backbone: str = "qwen2_audio"  # registered backbone: qwen2_audio, kimi_audio, text_llm
+    backbone: str = "qwen2_audio"  # a registered backbone (aqa/backbones/; python -m aqa.tiny -h lists them)
     train_split: str = "train"  # <data_dir>/<train_split>.jsonl is trained on (must have answers)
     dev_split: str | None = "dev"  # dev accuracy is scored on it; None: no evaluation
     cache_dir: str | None = None  # feature cache (None: <output_dir>/feature_cache)
+    finetune: str = "lora"  # lora: train LoRA adapters (the lora section; writes adapter/); full: train the weights (the full section; writes model/)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    full: FullConfig = field(default_factory=FullConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def check_finetune(cfg: QATrainSettings) -> None:
+    """``finetune`` is one of the modes; a run that trains in full sets no LoRA-only key."""
+    if cfg.finetune not in FINETUNE_MODES:
+        raise ConfigError(f"'finetune' must be one of {', '.join(FINETUNE_MODES)}, got '{cfg.finetune}'.")
+    if cfg.finetune == "full" and (cfg.lora.modules_to_save or cfg.lora.include_audio or cfg.lora.targets):
+        raise ConfigError("finetune=full trains weights, not LoRA adapters: lora.targets, lora.include_audio and "
+                          "lora.modules_to_save do not apply. Use full.include_audio to train the audio side too.")
 
 
 @dataclass(kw_only=True)
@@ -47,6 +59,7 @@ class SFTConfig(QATrainSettings):
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward: less memory for a larger micro-batch, ~1/3 more compute
 
     def __post_init__(self) -> None:
+        check_finetune(self)
         positive = {"batch.global_size": self.batch.global_size, "batch.micro_size": self.batch.micro_size,
                     "eval.batch_size": self.eval.batch_size, "logging.every_steps": self.logging.every_steps}
         for key, value in positive.items():

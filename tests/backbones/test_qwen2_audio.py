@@ -53,8 +53,8 @@ def test_tiny_cli_asks_the_registry_and_takes_overrides_after_the_options(tiny_q
     from aqa.backbones import backbones
     from aqa.tiny import main
 
-    assert {n for n, cls in backbones().items() if cls.tiny_spec() is not None} == {"kimi_audio", "qwen2_audio",
-                                                                                      "text_llm"}
+    assert {n for n, cls in backbones().items() if cls.tiny_spec() is not None} == {
+        "kimi_audio", "qwen2_5_omni", "qwen2_audio", "text_llm"}
     main(["qwen2_audio", "--out", str(tmp_path / "cli"), "--seed", "0"])
     assert f"wrote tiny qwen2_audio to {tmp_path / 'cli'}" in capsys.readouterr().out
     first, cli = load_file(tiny_dir / "model.safetensors"), load_file(tmp_path / "cli" / "model.safetensors")

@@ -165,3 +165,17 @@ def test_draws_follow_the_filtered_distribution_and_never_a_suppressed_id():
     freq = torch.bincount(ids, minlength=6).float() / len(ids)
     assert torch.allclose(freq, expect, atol=0.01)
     assert torch.allclose(logp, logits[0].log_softmax(-1)[ids])  # the unfiltered log-prob, as the loss takes it
+
+
+def test_top_k_draws_only_among_the_k_most_likely_unsuppressed_ids():
+    """``grpo.sampling.top_k`` (AudioMCQ samples with top-k 4) holds on the static engine as on the eager loop."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]]).repeat(40000, 1)
+    suppress = torch.zeros(6, dtype=torch.bool)
+    suppress[5] = True
+    ids, _ = draw(logits, SamplingConfig(temperature=1.0, top_k=2), suppress, torch.Generator().manual_seed(0))
+    p = logits[0, :2].softmax(-1)  # ids 0 and 1: the two most likely once 5 is banned
+    freq = torch.bincount(ids, minlength=6).float() / len(ids)
+    assert set(ids.unique().tolist()) == {0, 1}
+    assert torch.allclose(freq[:2], p, atol=0.01)
+    eager = sp._filter_logits(logits[:1].clone(), SamplingConfig(temperature=1.0, top_k=2), suppress)
+    assert torch.isfinite(eager[0]).nonzero().flatten().tolist() == [0, 1]

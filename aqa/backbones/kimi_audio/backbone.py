@@ -96,6 +96,8 @@ class KimiAudioBackbone(Backbone):
         self.speech_tokenizer = speech_tokenizer
         self.whisper_fe = whisper_fe
         self.prompt = prompt or PromptConfig()
+        if self.prompt.system is not None:
+            raise ValueError("kimi_audio's prompt has no system turn: set prompt.system=null.")
         self.ids = SpecialIds.from_config(model.config)
         self._letter_ids: torch.Tensor | None = None
 
@@ -146,6 +148,12 @@ class KimiAudioBackbone(Backbone):
             raise ValueError(f"LoRA targets {lm_names} match no linear layer of the Kimi-Audio trunk; use names "
                              f"among {LM_LINEAR}.")
         return pattern
+
+    def full_finetune_prefixes(self, include_audio: bool = False) -> list[str]:
+        """The trunk (embeddings, layers, norm) and the text head, never the MIMO branch; with
+        ``include_audio`` also the Whisper adaptor and the Whisper encoder."""
+        trunk = ["lm.model.embed_tokens.", "lm.model.layers.", "lm.model.norm.", "lm.lm_head."]
+        return trunk + (["lm.model.vq_adaptor.", "whisper."] if include_audio else [])
 
     # -- features ------------------------------------------------------------------------------
     def feature_settings(self) -> dict[str, Any]:
