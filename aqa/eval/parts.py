@@ -184,9 +184,13 @@ def merge_stamp(parts: PartRows, index: SplitIndex) -> dict[str, Any]:
             "manifest": [str(index.path.resolve()), st.st_size, st.st_mtime_ns]}
 
 
-def already_merged(out_dir: Path, parts: PartRows, index: SplitIndex) -> bool:
+def already_merged(out_dir: Path, parts: PartRows, index: SplitIndex, metrics: bool) -> bool:
+    """The outputs were merged from exactly these part files and are all still there (``metrics``: a split with
+    answers also has metrics.json); a user who deleted one gets them written again, without scoring."""
     stamp = out_dir / PARTS / MERGED
-    return stamp.is_file() and json.loads(stamp.read_text(encoding="utf-8")) == merge_stamp(parts, index)
+    outputs = [PREDICTIONS, SUBMISSION, *([METRICS] if metrics else [])]
+    return (stamp.is_file() and all((out_dir / name).is_file() for name in outputs)
+            and json.loads(stamp.read_text(encoding="utf-8")) == merge_stamp(parts, index))
 
 
 def check_complete(out_dir: Path, parts: PartRows, index: SplitIndex) -> np.ndarray:

@@ -370,7 +370,8 @@ def run_inference(cfg: InferConfig, split: str, info: DistInfo | None = None) ->
         if (row_of < 0).any():  # a marker of an earlier, killed launch: that rank's share is not done yet
             summary["waiting"] = True
             return summary
-        if already_merged(out_dir, parts, index):  # a rank that finished at the same moment merged these rows
+        # a rank that finished at the same moment merged these rows (and the outputs are all still there)
+        if already_merged(out_dir, parts, index, metrics=split != "eval" and index.answered):
             if (out_dir / METRICS).is_file():
                 summary.update(metrics=json.loads((out_dir / METRICS).read_text(encoding="utf-8")),
                                metrics_path=str(out_dir / METRICS))

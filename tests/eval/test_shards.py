@@ -104,6 +104,10 @@ def test_two_ranks_in_turn_write_the_one_process_files(model, data_dir, tmp_path
     assert [p.name for p in part_files(tmp_path / "dev")] == ["part-00000.jsonl", "part-00001.jsonl"]
     again = run_inference(_cfg(model, data_dir, tmp_path), "dev", _rank(0, 2))  # done and merged: nothing to do
     assert again["scored"] == 0 and again["resumed"] == 12 and "metrics" in again
+    for name in ("predictions.jsonl", "metrics.json", "submission.csv"):  # a user deletes the outputs
+        (tmp_path / "dev" / name).unlink()
+    again = run_inference(_cfg(model, data_dir, tmp_path), "dev")  # merged again from the parts, nothing scored
+    assert again["merged"] and again["scored"] == 0 and _files(tmp_path) == reference
 
 
 def test_a_killed_run_resumes_with_another_number_of_ranks(model, data_dir, tmp_path, reference):

@@ -58,7 +58,7 @@ def make(work: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProc
 def test_make_ensemble_fuses_every_demo_member(demo_dir):
     report = json.loads((demo_dir / "runs/demo/report.json").read_text(encoding="utf-8"))
     demo_members = [m["name"] for m in report["members"]]
-    assert len(demo_members) == 4
+    assert len(demo_members) == 5  # qwen2_audio SFT and GRPO, kimi_audio, qwen2_5_omni, the cascade
     (demo_dir / "runs/demo/ensemble/ensemble.json").unlink()
     make(demo_dir, "ensemble")
     fitted = json.loads((demo_dir / "runs/demo/ensemble/ensemble.json").read_text(encoding="utf-8"))
