@@ -1,6 +1,6 @@
 """Benchmark: inference/run.py over large manifests: resident memory, throughput over the run, two ranks.
 
-    python bench/infer_scale.py [--small 1000] [--large 20000] [--clips 200] [--speed-questions 2000]
+    python bench/infer_scale.py [--small 1000] [--large 20000] [--clips 200] [--speed-questions 20000]
                                 [--batch-size 32] [--permutations 1] [spec key=value ...]
 
 Builds a synthetic manifest of N questions over a few hundred short clips (questions reuse clips, as in real
@@ -22,6 +22,7 @@ The last line holds ``rss_large_vs_small=`` (target <= 1.10), ``qps_last_vs_firs
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--small", type=int, default=1000, help="questions of the small run (memory baseline)")
     parser.add_argument("--large", type=int, default=20000, help="questions of the large run")
     parser.add_argument("--clips", type=int, default=200, help="distinct clips the questions reuse")
-    parser.add_argument("--speed-questions", type=int, default=2000, help="questions of the 1- vs 2-rank runs")
+    parser.add_argument("--speed-questions", type=int, default=20000, help="questions of the 1- vs 2-rank runs")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--permutations", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -164,13 +165,18 @@ def main(argv: list[str] | None = None) -> None:
     watch, n = large[0], large[3]
     q = n // 4
     t1, c1 = next((t, c) for t, c in watch.samples if c > 0)  # the first batch written: scoring has begun
-    first = (q - c1) / (watch.time_at(q) - t1)
-    last = (n - 3 * q) / (watch.time_at(n) - watch.time_at(3 * q))
+    first = per_second(q - c1, watch.time_at(q) - t1)
+    last = per_second(n - 3 * q, watch.time_at(n) - watch.time_at(3 * q))
     spans = {}
     for name in ("speed_1", "speed_2"):
         w = results[name][0]
         t1, c1 = next((t, c) for t, c in w.samples if c > 0)
-        spans[name] = (w.time_at(results[name][3]) - t1) * results[name][3] / (results[name][3] - c1)
+        done_after_first = results[name][3] - c1  # rows written after the first poll that saw any
+        spans[name] = (w.time_at(results[name][3]) - t1) * results[name][3] / done_after_first \
+            if done_after_first > 0 else float("nan")
+    if not all(math.isfinite(x) and x > 0 for x in (first, last, *spans.values())):
+        print("note: a run was too short for the 50 ms polling to time its quarters (nan below); raise --large "
+              "and --speed-questions")
     print(f"tiny Qwen2-Audio, {args.clips} clips of 1 s, batch {args.batch_size}, K={args.permutations}, CPU")
     print(f"peak RSS: {small[2]} MiB at {args.small} questions, {large[2]} MiB at {args.large} questions")
     print(f"{args.large} questions in {large[1]:.1f} s: {first:.1f} questions/s over the first quarter, "
@@ -178,8 +184,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.speed_questions} questions: 1 rank {spans['speed_1']:.1f} s, 2 ranks {spans['speed_2']:.1f} s "
           f"(scoring span; whole commands {results['speed_1'][1]:.1f} s and {results['speed_2'][1]:.1f} s)")
     print(f"rss_large_vs_small={large[2] / small[2]:.3f} (target <= 1.10)  "
-          f"qps_last_vs_first_quarter={last / first:.3f} (target 0.90-1.10)  "
-          f"speedup_2_ranks={spans['speed_1'] / spans['speed_2']:.2f}")
+          f"qps_last_vs_first_quarter={ratio(last, first):.3f} (target 0.90-1.10)  "
+          f"speedup_2_ranks={ratio(spans['speed_1'], spans['speed_2']):.2f}")
+
+
+def per_second(rows: int, seconds: float) -> float:
+    """Rows per second, nan when the polling saw the span as one instant."""
+    return rows / seconds if seconds > 0 else float("nan")
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else float("nan")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ BENCHES = {  # script -> (tiny arguments, a pattern of its last line)
     "bench/decode_speed.py": (["--questions", "2", "--generations", "3", "--max-new-tokens", "4", "--clip-seconds",
                                "1", "--repeats", "1"], r"decode_ms_per_step=\S+ bound_ms=\S+ .*ratio=\S+"),
     "bench/infer_speed.py": (["--questions", "4", "--k", "2"], r"logits_vs_generate=\S+"),
+    "bench/infer_scale.py": (["--small", "12", "--large", "48", "--clips", "6", "--speed-questions", "24",
+                              "--batch-size", "4"],
+                             r"rss_large_vs_small=\S+ .*qps_last_vs_first_quarter=\S+ .*speedup_2_ranks=\S+"),
 }
 
 
