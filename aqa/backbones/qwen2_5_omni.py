@@ -27,7 +27,6 @@ Shapes: B questions, T tokens, F mel frames, V vocabulary.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,13 +36,10 @@ import torch
 from torch import nn
 
 from aqa.backbones.base import register
-from aqa.backbones.chat_lm import unwrap
 from aqa.backbones.qwen2_5_omni_tiny import CHAT_TEMPLATE_FILE, TinyQwen2_5OmniSpec, write_tiny_qwen2_5_omni
 from aqa.backbones.qwen2_audio import Qwen2AudioBackbone
 from aqa.data.example import Example
 
-LM_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-AUDIO_LINEAR = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 RELEASE_TYPE = "qwen2_5_omni"  # the released directory: thinker + talker + token2wav
 THINKER_TYPE = "qwen2_5_omni_thinker"  # a thinker saved alone
 THINKER_PREFIX = "thinker."
@@ -180,6 +176,9 @@ class Qwen2_5OmniBackbone(Qwen2AudioBackbone):
     model_types = (RELEASE_TYPE, THINKER_TYPE)
     tiny_spec_class = TinyQwen2_5OmniSpec
     tiny_writer = staticmethod(write_tiny_qwen2_5_omni)
+    # the thinker's audio tower ends in its own projection (no separate projector); the vision tower never trains
+    audio_output_lora = r"model\.audio_tower\.proj"
+    audio_full_prefixes = ("model.audio_tower.",)
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
@@ -199,26 +198,6 @@ class Qwen2_5OmniBackbone(Qwen2AudioBackbone):
 
     def save_processor(self, out_dir: str | Path) -> None:
         self.processor.save_pretrained(out_dir)
-
-    def lora_target_modules(self, include_audio: bool = False, names: list[str] | None = None) -> str:
-        """A regex on full module names: the language model's linear layers; the audio tower (and its
-        output projection) only if asked; never the vision tower."""
-        hf = unwrap(self.model)
-        lm_names = names or LM_LINEAR
-        parts = [rf"model\.language_model\.layers\.\d+\.(?:.*\.)?({'|'.join(map(re.escape, lm_names))})"]
-        if include_audio:
-            audio_names = names or AUDIO_LINEAR
-            parts.append(rf"model\.audio_tower\.layers\.\d+\.(?:.*\.)?({'|'.join(map(re.escape, audio_names))})")
-            parts.append(r"model\.audio_tower\.proj")
-        pattern = "|".join(f"(?:{p})" for p in parts)
-        hits = [n for n, m in hf.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(pattern, n)]
-        if not hits:
-            raise ValueError(f"LoRA targets {lm_names} match no linear layer of the language model.")
-        return pattern
-
-    def full_finetune_prefixes(self, include_audio: bool = False) -> list[str]:
-        """The language model and the output head; the audio tower when asked; never the vision tower."""
-        return ["model.language_model.", "lm_head."] + (["model.audio_tower."] if include_audio else [])
 
     # -- features: the valid frames only (the release pads to 300 s; the encoder drops the padding) ------------
     def extract_features(self, wave: np.ndarray) -> dict[str, np.ndarray]:

@@ -44,6 +44,10 @@ class Qwen2AudioBackbone(ChatLMBackbone):
     model_types = ("qwen2_audio",)
     tiny_spec_class = TinyQwen2AudioSpec
     tiny_writer = staticmethod(write_tiny_qwen2_audio)
+    # what carries the audio into the language model besides the tower's layers: a LoRA target regex and the
+    # prefixes full fine-tuning trains with the audio side (a subclass with another audio-to-text path sets both)
+    audio_output_lora = r"model\.multi_modal_projector\.linear"
+    audio_full_prefixes = ("model.audio_tower.", "model.multi_modal_projector.")
 
     def __init__(self, model: nn.Module, processor: Any, prompt: PromptConfig | None = None):
         self.model = model
@@ -97,7 +101,7 @@ class Qwen2AudioBackbone(ChatLMBackbone):
         if include_audio:
             audio_names = names or AUDIO_LINEAR
             parts.append(rf"model\.audio_tower\..*\.({'|'.join(map(re.escape, audio_names))})")
-            parts.append(r"model\.multi_modal_projector\.linear")
+            parts.append(self.audio_output_lora)
         pattern = "|".join(f"(?:{p})" for p in parts)
         hits = [n for n, m in hf.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(pattern, n)]
         if not hits:
@@ -105,8 +109,7 @@ class Qwen2AudioBackbone(ChatLMBackbone):
         return pattern
 
     def full_finetune_prefixes(self, include_audio: bool = False) -> list[str]:
-        audio = ["model.audio_tower.", "model.multi_modal_projector."] if include_audio else []
-        return ["model.language_model.", "lm_head.", *audio]
+        return ["model.language_model.", "lm_head.", *(self.audio_full_prefixes if include_audio else ())]
 
     # -- features ------------------------------------------------------------------------------
     def feature_settings(self) -> dict[str, Any]:
