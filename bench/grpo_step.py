@@ -2,7 +2,7 @@
 
     python bench/grpo_step.py [--questions 8] [--generations 6] [--max-new-tokens 8] [--steps 3]
                               [--device cpu|cuda] [--dtype float32|bfloat16] [--seven-b] [--no-memory]
-                              [spec key=value ...]
+                              [--no-merge-lora] [spec key=value ...]
 
 A random-init Qwen2-Audio of ``aqa.backbones.qwen2_audio_tiny.TinyQwen2AudioSpec`` sizes (override any, e.g. a 7B shape on a
 GPU: hidden_size=4096 num_hidden_layers=32 num_attention_heads=32 num_key_value_heads=32
@@ -14,14 +14,18 @@ advantages, reference log-probs (adapter disabled), policy log-probs, loss, back
 - shared: one prefill per question, its KV cache expanded to G, the eager decode loop
   (``aqa/backbones/shared_prefix.py``);
 - static: shared, sampled by the static rollout engine (``aqa/backbones/static_decode.py``: one cache row per
-  question, one step for all G, a CUDA graph on CUDA), what ``train/grpo.py`` runs.
+  question, one step for all G, a CUDA graph on CUDA), what ``train/grpo.py`` runs;
+- merged: static over merged LoRA weights (``grpo.rollout.merge_lora``: the buffers refreshed in place before
+  each rollout, one matmul per LoRA'd layer; the reference and the policy log-probs through the unmerged model,
+  as in every layout). ``--no-merge-lora`` leaves it out.
 
 ``--seven-b`` builds Qwen2-Audio-7B's shapes (as ``bench/sft_step.py``; use a GPU, bf16). A random model rarely
 says <|im_end|>, so completions run (nearly) the full token budget in every layout. Peak memory is taken for
 each layout in its own process (CUDA: allocated; CPU: resident set growth; ``--no-memory`` skips it); times
 are medians of steps that alternate between the layouts in one process. Per layout it prints the step time,
 its phase split (sampling / reference log-probs / policy forward + backward + optimizer step) and the sampling
-time per new token; the last line holds ``speedup=X.XX`` (naive / static; target >= 3) and the shared layout's.
+time per new token; the last line holds ``speedup=X.XX`` (naive / static; target >= 3), the shared layout's and
+``merged_speedup`` (naive / merged).
 """
 
 from __future__ import annotations
@@ -105,13 +109,13 @@ class PeakMemory:
             self._thread.join()
 
 
-LAYOUTS = ("naive", "shared", "static")
+LAYOUTS = ("naive", "shared", "static", "merged")
 PHASES = ("sample", "reference", "update")
 
 
 def grpo_step(bb: Qwen2AudioBackbone, optimizer: torch.optim.Optimizer, examples: list[Example],
               prompt: sp.PromptBatch, G: int, sampling: SamplingConfig, layout: str, seed: int,
-              decoder: StaticDecoder, device: torch.device) -> dict[str, float]:
+              decoders: dict[str, StaticDecoder], device: torch.device) -> dict[str, float]:
     """One full GRPO step in ``layout``; returns seconds per phase and the new tokens sampled. ``prompt`` is
     encoded once up front for every layout (tokenizing is not what differs)."""
     hf = unwrap(bb.model)
@@ -123,7 +127,7 @@ def grpo_step(bb: Qwen2AudioBackbone, optimizer: torch.optim.Optimizer, examples
         if layout == "naive":
             ids, mask = sp.naive_sample(hf, prompt, G, sampling, rules)  # [B, G, T]
         else:
-            ids, mask = sp.sample(hf, prompt, G, sampling, rules, decoder=decoder if layout == "static" else None)
+            ids, mask = sp.sample(hf, prompt, G, sampling, rules, decoder=decoders.get(layout))  # shared: eager loop
     sample_s = clock.lap()
     texts = [bb.tokenizer.batch_decode(g, skip_special_tokens=True) for g in ids.cpu()]
     rewards, _ = compute_rewards(texts, examples, {"accuracy": 1.0})  # [B, G]
@@ -173,18 +177,21 @@ def main(argv: list[str] | None = None) -> None:
                         help="CPU threads; 1 keeps timings stable on a machine shared with other jobs")
     parser.add_argument("--seven-b", action="store_true", help="Qwen2-Audio-7B shapes (GPU, bf16)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-layout peak-memory processes")
+    parser.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the static layout over merged LoRA weights (grpo.rollout.merge_lora)")
     parser.add_argument("--memory-of", choices=LAYOUTS, help=argparse.SUPPRESS)  # internal: a child
     parser.add_argument("spec", nargs="*", help="model size overrides, e.g. hidden_size=4096")
     args = parser.parse_args(argv)
     spec = load_config(TinyQwen2AudioSpec, None, (SEVEN_B_SPEC if args.seven_b else []) + args.spec)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    layouts = LAYOUTS if args.merge_lora else tuple(x for x in LAYOUTS if x != "merged")
 
     # -- peak memory: each layout in its own process first, so one's freed memory cannot hide the other's
     #    peak (and, on a GPU, this process holds no model meanwhile)
-    peaks = {layout: float("nan") for layout in LAYOUTS}
+    peaks = {layout: float("nan") for layout in layouts}
     if args.memory_of is None and not args.no_memory:
-        for layout in LAYOUTS:
+        for layout in layouts:
             child = subprocess.run([sys.executable, __file__, "--memory-of", layout,
                                     *(argv if argv is not None else sys.argv[1:])],
                                    check=True, stdout=subprocess.PIPE, text=True)
@@ -201,11 +208,12 @@ def main(argv: list[str] | None = None) -> None:
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens)
     prompt = bb.generate(bb.model, examples, 2, SamplingConfig(max_new_tokens=1)).prompt  # [B, P], audio
 
-    decoder = StaticDecoder()  # kept across steps, as the recipe's rollout engine keeps it
+    # kept across steps, as the recipe's rollout engine keeps its decoder
+    decoders = {"static": StaticDecoder(), "merged": StaticDecoder(merge_lora=True)}
 
     def step(layout: str, i: int) -> Callable[[], dict[str, float]]:
         return lambda: grpo_step(bb, optimizer, examples, prompt, args.generations, sampling, layout,
-                                 args.seed + i, decoder, device)
+                                 args.seed + i, decoders, device)
 
     if args.memory_of is not None:  # the child: a warm-up step and one more, under the memory watch
         with PeakMemory(device) as mem:
@@ -219,21 +227,22 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {args.device} {args.dtype}; "
           f"B={args.questions} questions, G={args.generations}, prompt {prompt.input_ids.shape[1]} tokens "
           f"(audio included), {args.max_new_tokens} new tokens")
-    runs: dict[str, list[dict[str, float]]] = {layout: [] for layout in LAYOUTS}
-    for layout in LAYOUTS:
+    runs: dict[str, list[dict[str, float]]] = {layout: [] for layout in layouts}
+    for layout in layouts:
         step(layout, -1)()
     for i in tqdm(range(args.steps), desc="steps", leave=False):
-        for layout in LAYOUTS:
+        for layout in layouts:
             runs[layout].append(step(layout, i)())
     sec = {}
-    for layout in LAYOUTS:
+    for layout in layouts:
         med = {k: float(np.median([r[k] for r in runs[layout]])) for k in (*PHASES, "tokens")}
         sec[layout] = float(np.median([sum(r[k] for k in PHASES) for r in runs[layout]]))
         split = " ".join(f"{k}={med[k]:.3f}s ({med[k] / sec[layout]:.0%})" for k in PHASES)
         print(f"{layout:>6}: {sec[layout]:8.3f} s/step  {split}  sample_ms_per_token="
               f"{1000 * med['sample'] / max(med['tokens'], 1):.2f}  peak memory +{peaks[layout] / 2**20:8.1f} MiB")
     print(f"grpo_step G={args.generations}: naive/static peak memory={peaks['naive'] / max(peaks['static'], 1):.2f}x "
-          f"shared_speedup={sec['naive'] / sec['shared']:.2f} speedup={sec['naive'] / sec['static']:.2f}")
+          f"shared_speedup={sec['naive'] / sec['shared']:.2f} speedup={sec['naive'] / sec['static']:.2f}"
+          + (f" merged_speedup={sec['naive'] / sec['merged']:.2f}" if "merged" in sec else ""))
 
 
 if __name__ == "__main__":

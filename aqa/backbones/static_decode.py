@@ -21,12 +21,22 @@ per-step cost is Python and kernel launches, not the bytes the step must read. H
 The log-prob of each sampled token under ``softmax(logits / temperature)`` (what the loss uses) comes
 out with it; in fp32 tokens and log-probs equal the eager loop's (tests/backbones/test_static_decode.py).
 
+- **Merged LoRA** (``merge_lora``, ``grpo.rollout.merge_lora``): before each rollout the LoRA linear layers'
+  ``W + scaling * B A`` are written in place into persistent buffers (``lora.MergedLora``, one more copy of
+  the LoRA'd weights), and for the rollout (prefill and steps) each of those layers runs one matmul on its
+  buffer instead of the base matmul plus the LoRA branch's small kernels. The base and LoRA weights are never
+  written, so the loss's log-probs, computed afterwards through the unmerged model, are unchanged. The
+  buffers keep their addresses across rollouts, so a captured step stays valid; a step captured over merged
+  buffers is replayed only in merged mode, over the same buffers (the mode and the buffers' version are part
+  of the shape a run is kept for), and a step captured over the LoRA branch only in unmerged mode.
+
 Shapes: B questions, G completions per question, P prompt tokens, C prompt slots, T new tokens,
 L = C + G*T cache slots, V vocabulary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -35,6 +45,7 @@ from torch import nn
 
 from aqa.backbones import shared_prefix as sp
 from aqa.backbones.base import SamplingConfig
+from aqa.backbones.lora import MergedLora
 
 PROMPT_ROUND = 128  # prompt slots are a multiple of this: prompts of nearby lengths share a cache and a graph
 NUCLEUS_ITERS = 32  # bisection steps of the top-p threshold: 2^-32 of the top probability
@@ -98,6 +109,7 @@ class _Shape:
     eos: tuple[int, ...]
     pad: int
     step_keys: tuple[str, ...]
+    merged: int  # 0: the LoRA branch runs; else the version of the merged LoRA buffers the step reads
 
 
 class _Run:
@@ -209,10 +221,14 @@ class StaticDecoder:
     reuse it: the cache and, on CUDA, the captured step are rebuilt only when the shape outgrows them.
 
     ``cuda_graph``: capture the step as a CUDA graph on CUDA devices (no effect on CPU).
+    ``merge_lora``: sample through merged copies of the LoRA linear layers' weights (module docstring; costs
+    one more copy of the LoRA'd weights, kept while the decoder lives; a model without LoRA layers: no effect).
     """
 
-    def __init__(self, cuda_graph: bool = True):
+    def __init__(self, cuda_graph: bool = True, merge_lora: bool = False):
         self.cuda_graph = cuda_graph
+        self.merge_lora = merge_lora
+        self.merged: MergedLora | None = None  # the buffers, from the first merged rollout on
         self._run: _Run | None = None
 
     @torch.no_grad()
@@ -223,6 +239,14 @@ class StaticDecoder:
         if sampling.temperature <= 0:
             raise ValueError("sampling.temperature must be > 0 for GRPO rollouts (G equal greedy answers teach "
                              "nothing).")
+        merged = 0
+        if self.merge_lora:
+            self.merged = self.merged or MergedLora()
+            merged = self.merged.refresh(model)  # the LoRA weights as they are now, in place
+        with self.merged.patched() if merged else contextlib.nullcontext():
+            return self._sample(model, prompt, num_samples, sampling, rules, generator, merged)
+
+    def _sample(self, model, prompt, num_samples, sampling, rules, generator, merged):
         decoder, head = sp._parts(model)
         last, dyn = sp._prefill(model, prompt, 1)  # [B, V], a dynamic cache of B rows
         if any(getattr(layer, "is_sliding", False) for layer in dyn.layers):
@@ -230,7 +254,8 @@ class StaticDecoder:
                              "sliding-window layers: set grpo.rollout.engine=eager.")
         B, P = prompt.input_ids.shape
         V = last.shape[-1]
-        run = self._prepare(decoder, head, prompt, B, num_samples, P, V, last, sampling, rules, len(dyn.layers))
+        run = self._prepare(decoder, head, prompt, B, num_samples, P, V, last, sampling, rules, len(dyn.layers),
+                            merged)
         suppress = torch.zeros(V, dtype=torch.bool, device=last.device)
         suppress[sp._suppress_tensor(rules, V, last.device)] = True
         run.generator = None if run.use_graph else generator  # a captured graph draws from the device's RNG
@@ -248,11 +273,11 @@ class StaticDecoder:
         return (run.tokens[:n].permute(order).clone(), run.keep[:n].permute(order).long(),
                 run.logp[:n].permute(order).clone())
 
-    def _prepare(self, decoder, head, prompt, B, G, P, V, last, sampling, rules, n_layers) -> _Run:
+    def _prepare(self, decoder, head, prompt, B, G, P, V, last, sampling, rules, n_layers, merged) -> _Run:
         """The run for this shape: the current one when the prompt fits its slots, else a new one."""
         shape = _Shape(id(head), B, G, sampling.max_new_tokens, V, last.dtype, str(last.device),
                        float(sampling.temperature), int(sampling.top_k), float(sampling.top_p), tuple(rules.eos_ids), int(rules.pad_id),
-                       tuple(sorted(prompt.step_extra)))
+                       tuple(sorted(prompt.step_extra)), merged)
         run = self._run
         if run is not None and run.shape == shape and P <= run.slots:
             run.decoder = decoder  # a new view over the same weights (Kimi's) computes what the captured one did

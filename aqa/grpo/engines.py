@@ -9,7 +9,8 @@ Engines in this process (``grpo.rollout.engine``):
 
 - ``static``: a static KV cache of one row per question (the prompt once, then G x max_new_tokens slots),
   one decode step for all G completions, sampling on the device without a sort, the step captured as a
-  CUDA graph on CUDA (``aqa/backbones/static_decode.py``);
+  CUDA graph on CUDA (``aqa/backbones/static_decode.py``); with ``grpo.rollout.merge_lora`` through merged
+  copies of the LoRA'd weights (one more copy of them in memory; the base and LoRA weights untouched);
 - ``eager``: the prompt's dynamic KV cache expanded to G rows and one Python step per token
   (``aqa/backbones/shared_prefix.py``): the reference the static engine is tested against.
 """
@@ -47,7 +48,7 @@ class InProcessEngine(RolloutEngine):
 
 
 ENGINES = {
-    "static": lambda cfg: InProcessEngine(StaticDecoder(cuda_graph=cfg.cuda_graph)),
+    "static": lambda cfg: InProcessEngine(StaticDecoder(cuda_graph=cfg.cuda_graph, merge_lora=cfg.merge_lora)),
     "eager": lambda cfg: InProcessEngine(None),
 }
 assert set(ENGINES) == set(ROLLOUT_ENGINES)  # the config validates names against ROLLOUT_ENGINES

@@ -9,6 +9,7 @@ import torch
 
 from aqa.backbones import get_backbone
 from aqa.backbones.base import SamplingConfig
+from aqa.backbones.chat_lm import eval_mode
 from aqa.backbones.lora import AdapterError, LoraConfig, apply_lora
 from aqa.config import ConfigError
 from aqa.grpo.config import GRPOSection, engine_batch, load_grpo_config, total_rounds, total_steps
@@ -88,6 +89,16 @@ def test_report_recipe_values():
 def test_bad_config_fails_at_start(override, match):
     with pytest.raises(ConfigError, match=match):
         load_grpo_config(None, REQUIRED + [override])
+
+
+def test_merge_lora_flows_from_the_config_to_the_static_engine():
+    assert not load_grpo_config("configs/qwen2_audio/grpo.yaml").grpo.rollout.merge_lora  # the default: off
+    assert not build_rollout_engine(load_grpo_config(None, REQUIRED).grpo.rollout).decoder.merge_lora
+    cfg = load_grpo_config(None, REQUIRED + ["grpo.rollout.merge_lora=true"])
+    assert build_rollout_engine(cfg.grpo.rollout).decoder.merge_lora
+    for wrong in (["grpo.rollout.engine=eager"], ["finetune=full"]):  # no static decoder / no LoRA to merge
+        with pytest.raises(ConfigError, match="merge_lora"):
+            load_grpo_config(None, REQUIRED + ["grpo.rollout.merge_lora=true"] + wrong)
 
 
 def test_deepspeed_geometry_from_per_device_and_accumulation():
@@ -194,6 +205,29 @@ def test_one_group_samples_scores_and_gives_a_finite_loss_with_lora_gradients(ti
     assert any(g.abs().sum() > 0 for g in grads.values())
     metrics = rollout_metrics([group])
     assert set(metrics) >= {"reward_mean", "reward_std", "zero_std_frac", "completion_len", "reward_accuracy"}
+
+
+def test_merged_rollout_engine_samples_the_policy_and_leaves_its_weights(tiny_qwen2_audio, sft_dir):
+    """``grpo.rollout.merge_lora`` through the engine the recipe builds: greedy rollouts equal the unmerged
+    engine's, and the log-probs the loss reads afterwards are bit for bit what they were."""
+    bb = get_backbone("qwen2_audio").from_pretrained(tiny_qwen2_audio)
+    policy = policy_from_sft(bb, sft_dir, LoraConfig(r=2, alpha=4, dropout=0.05))
+    _randomize_lora(policy, seed=3)
+    policy.train()
+    greedy = SamplingConfig(temperature=0.7, top_p=1e-9, max_new_tokens=4)
+    section = GRPOSection(num_generations=3, sampling=greedy)
+    examples = _examples(bb, n=2)
+    unmerged = sample_group(bb, policy, examples, section, build_rollout_engine(section.rollout))
+    with eval_mode(policy):  # no LoRA dropout, so two passes can be compared
+        logp = bb.completion_logprobs(policy, unmerged.rollout).detach()
+    section.rollout.merge_lora = True
+    engine = build_rollout_engine(section.rollout)
+    merged = sample_group(bb, policy, examples, section, engine)
+    assert engine.decoder.merged is not None and engine.decoder.merged.buffers  # it did merge
+    assert torch.equal(merged.rollout.completion_ids, unmerged.rollout.completion_ids)
+    assert policy.training  # generate sampled in eval mode (dropout off) and put the policy back
+    with eval_mode(policy):
+        assert torch.equal(bb.completion_logprobs(policy, unmerged.rollout).detach(), logp)
 
 
 def test_nonfinite_budget_is_finite_by_default_and_an_applied_nan_step_is_caught():

@@ -136,6 +136,20 @@ def test_flat_rewards_make_logged_noop_rounds(setup):
     assert (out / "adapter/adapter_model.safetensors").is_file()
 
 
+def test_merged_lora_rollouts_train_the_adapter_the_lora_branch_trains(setup):
+    """``grpo.rollout.merge_lora`` under the recipe (DeepSpeed, LoRA dropout on, one process, fp32): the merged
+    rollouts sample the same tokens, so the run trains the same adapter as with the LoRA branch."""
+    adapters = {}
+    for merge in ("false", "true"):
+        out = setup["root"] / f"merge_{merge}"
+        _run(setup, out, "max_steps=3", "grpo.sampling.max_new_tokens=3", "lora.dropout=0.05",
+             f"grpo.rollout.merge_lora={merge}", launcher=python)
+        adapters[merge] = _grpo_part(out / "adapter")
+        assert len(_rows(out)) == 3
+    for key, value in adapters["false"].items():
+        assert torch.allclose(adapters["true"][key], value, atol=1e-6), key
+
+
 def test_missing_sft_adapter_is_a_clear_error(setup):
     res = _run(setup, setup["root"] / "bad", f"sft_adapter={setup['root'] / 'no_such_adapter'}", launcher=python,
                check=False)
