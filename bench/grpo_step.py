@@ -1,7 +1,7 @@
 """Benchmark: one GRPO step with the shared prefix against the naive (r1-aqa) layout, same model and batch.
 
     python bench/grpo_step.py [--questions 8] [--generations 6] [--max-new-tokens 8] [--steps 3]
-                              [--device cpu|cuda] [--dtype float32|bfloat16] [--seven-b] [--no-memory]
+                              [--device cpu|cuda] [--dtype float32|bfloat16] [--seven-b] [--no-memory] [--lora-dtype model|float32]
                               [--no-merge-lora] [spec key=value ...]
 
 A random-init Qwen2-Audio of ``aqa.backbones.qwen2_audio_tiny.TinyQwen2AudioSpec`` sizes (override any, e.g. a 7B shape on a
@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the per-layout peak-memory processes")
     parser.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the static layout over merged LoRA weights (grpo.rollout.merge_lora)")
+    parser.add_argument("--lora-dtype", choices=["model", "float32"], default="model",
+                        help="the LoRA weights' dtype: the model's, as under DeepSpeed (default), or PEFT's own fp32")
     parser.add_argument("--memory-of", choices=LAYOUTS, help=argparse.SUPPRESS)  # internal: a child
     parser.add_argument("spec", nargs="*", help="model size overrides, e.g. hidden_size=4096")
     args = parser.parse_args(argv)
@@ -202,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
         model.resize_token_embeddings(SEVEN_B_VOCAB)
     bb = Qwen2AudioBackbone(model, processor)
     apply_lora(bb, LoraConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0))
+    if args.lora_dtype == "model":  # as DeepSpeed's bf16 engine casts every parameter in the recipe
+        bb.model.to(getattr(torch, args.dtype))
     bb.model.train()
     optimizer = torch.optim.AdamW([p for p in bb.model.parameters() if p.requires_grad], lr=1e-6)
     examples = make_examples(bb, args.questions, args.seed, tuple(args.clip_seconds))
