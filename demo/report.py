@@ -2,7 +2,8 @@
 
 ``report.json`` holds a top-level ``members`` list; each member is
 ``{"name", "backbone", "stage", "adapter", "predictions": {"dev", "eval"}, "metrics": {"dev", "eval"},
-"chance": {"dev", "eval"}, "silent_audio": {"eval"}}`` (accuracies with a 95 % ``interval``), plus
+"chance": {"dev", "eval"}, "silent_audio": {"eval"}, "orders": {"eval"}}`` (accuracies with a 95 % ``interval``;
+``orders``: mean and strict accuracy over K option orders), plus
 ``"ensemble"``, ``"text_only_floor"`` and ``"wall_s"`` once those stages have run.
 """
 
@@ -75,6 +76,26 @@ def floors_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def orders_table(report: dict[str, Any]) -> str:
+    """Markdown: per system, eval accuracy in the manifest's option order beside the same questions scored in
+    K shuffled orders: the mean over orders, strict (right in every order) and the order-averaged prediction's
+    accuracy. A model that reads the options scores alike in every order; one that learned answer positions
+    falls to chance."""
+    head = ["system", "manifest order", "mean over orders", "strict", "order-averaged prediction", "orders (at most)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    floor = report.get("text_only_floor") or {}
+    rows = [(f"{m['name']} ({m['backbone']}, {m['stage']})", m.get("metrics", {}).get("eval"),
+             (m.get("orders") or {}).get("eval")) for m in report.get("members", [])]
+    rows.append(("text-only floor", floor.get("eval"), floor.get("eval_orders")))
+    for name, canonical, orders in rows:
+        if not orders:
+            continue
+        lines.append("| " + " | ".join([
+            name, _interval(canonical), _interval(orders["mean_over_orders"]), _interval(orders["strict"]),
+            _fmt(orders["canonical_aggregate"]), str(orders["orders"])]) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The whole report as Markdown: data summary, the dev table, ensemble weights, extra sections."""
     out = ["# Demo report", ""]
@@ -93,6 +114,11 @@ def render_markdown(report: dict[str, Any]) -> str:
                 "Held-out eval questions, 95 % Wilson intervals. *Silent audio*: the same model with every clip "
                 "silenced; *text-only floor*: the cascade's text LLM reading the question and options alone.", "",
                 floors_table(report), ""]
+    orders = orders_table(report)
+    if orders:
+        out += ["## Eval accuracy (%) in shuffled option orders", "",
+                "The same eval questions with their options shuffled (the first order is the manifest's). Mean and "
+                "strict with approximate 95 % Wilson intervals over the questions.", "", orders, ""]
     if rows:
         out += ["## Dev accuracy (%)", "", accuracy_table(rows), ""]
     else:

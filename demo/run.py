@@ -24,12 +24,14 @@ from pathlib import Path
 
 from aqa.data.summary import summarize
 from aqa.eval.metrics import accuracy_by_part, chance_level, read_predictions, wilson_interval
+from aqa.eval.orders import order_accuracy
 from aqa.runtime.distributed import free_port
 from demo.report import load_report, save_report, upsert_member
 
 DEMO_CONFIGS = Path("configs/demo")
 # --smoke: the same stages and commands at a size that checks the chain, not what it learns
 SMOKE_SIZES = ["--train", "48", "--dev", "24", "--eval", "24"]
+ORDERS = 8  # option orders of the order-sensitivity pass, as the 7B inference configs score
 SMOKE_TRAIN = {"train/sft.py": ["max_steps=2", "eval.every_steps=0", "checkpoint.every_steps=0"],
                "train/grpo.py": ["max_steps=2", "eval.every_steps=0", "checkpoint.every_steps=0"],
                "train/sed.py": ["max_steps=2", "eval.every_steps=0"]}
@@ -157,6 +159,11 @@ def cascade_section(py: str, stage) -> dict | None:
             py, "inference/run.py", "--config", str(DEMO_CONFIGS / "cascade_infer.yaml"), "--split", split,
             "adapter=runs/demo/cascade_grpo/adapter", "output_dir=runs/demo/cascade_grpo/infer_no_events",
             "model_name=cascade_grpo_no_events", "prompt.events=false"])
+    shutil.rmtree("runs/demo/cascade_grpo/infer_no_events_orders", ignore_errors=True)
+    stage(f"cascade inference eval, no events, {ORDERS} orders", [
+        py, "inference/run.py", "--config", str(DEMO_CONFIGS / "cascade_infer.yaml"), "--split", "eval",
+        "adapter=runs/demo/cascade_grpo/adapter", "output_dir=runs/demo/cascade_grpo/infer_no_events_orders",
+        "model_name=cascade_grpo_no_events_orders", "prompt.events=false", f"permutations={ORDERS}"])
     cal = json.loads(cal_path.read_text(encoding="utf-8"))
     acc = {name: json.loads(Path(f"runs/demo/cascade_grpo/{d}/dev/metrics.json").read_text())["weighted_mean"]
            for name, d in (("with events", "infer"), ("without events", "infer_no_events"))}
@@ -171,7 +178,8 @@ def cascade_section(py: str, stage) -> dict | None:
     floor = scored(Path("runs/demo/cascade_grpo/infer_no_events/eval/predictions.jsonl"))
     return {"title": "Cascade: calibration and events", "body": body, "cllr": {
         "before": cal["mean_cllr_before"], "after": cal["mean_cllr_after"]}, "dev_accuracy": acc,
-        "text_only_floor": floor}
+        "text_only_floor": floor,
+        "text_only_floor_orders": order_scores(Path("runs/demo/cascade_grpo/infer_no_events_orders/eval/predictions.jsonl"))}
 
 
 def tiny_models(py: str, members: list[Member], seed: int) -> list[tuple[str, list[str]]]:
@@ -193,6 +201,28 @@ def scored(path: Path) -> dict | None:
     return {**acc, "interval": list(wilson_interval(acc["weighted_mean"], acc["n"])), "chance": chance_level(rows)}
 
 
+def order_scores(path: Path) -> dict | None:
+    """Mean and strict accuracy over the K option orders of a predictions file scored with ``permutations=K``
+    (the eval split gets no metrics.json: its answers are scored here, as :func:`scored` does), plus the
+    order-averaged prediction's accuracy; each weighted over parts with a 95 % Wilson interval over the n
+    questions (for the mean a question counts by the fraction of its orders it got right, so that interval is an
+    approximation). None when the file is missing or was scored in one order."""
+    if not path.is_file():
+        return None
+    rows = [r for r in read_predictions(path) if r.get("answer") is not None and len(r.get("order_preds", [])) > 1]
+    if not rows:
+        return None
+    for r in rows:
+        right = {i for i, c in enumerate(r["choices"]) if c == r["answer"]}  # repeated options: by text
+        r["order_mean"], r["order_strict"] = order_accuracy(r["order_preds"], right)
+    out: dict = {"orders": max(len(r["order_preds"]) for r in rows),
+                 "canonical_aggregate": accuracy_by_part(rows)["weighted_mean"]}
+    for key, column in (("mean_over_orders", "order_mean"), ("strict", "order_strict")):
+        acc = accuracy_by_part(rows, column)
+        out[key] = {**acc, "interval": list(wilson_interval(acc["weighted_mean"], acc["n"]))}
+    return out
+
+
 def member_entry(m: Member) -> dict:
     """The member's ``report.json`` entry from the files its inference wrote: dev and eval accuracy with
     95 % intervals, and the silent-audio accuracy on eval where it was measured."""
@@ -200,12 +230,14 @@ def member_entry(m: Member) -> dict:
     dev_pred, eval_pred = run / "infer" / "dev" / "predictions.jsonl", run / "infer" / "eval" / "predictions.jsonl"
     metrics = {"dev": scored(dev_pred), "eval": scored(eval_pred)}
     silent = scored(run / "infer_silence" / "eval" / "predictions.jsonl") if m.audio_floor else None
+    orders = order_scores(run / "infer_orders" / "eval" / "predictions.jsonl")
     return {
         "name": m.name, "backbone": m.backbone, "stage": m.stage, "adapter": str(run / "adapter"),
         "predictions": {"dev": str(dev_pred), "eval": str(eval_pred)},
         "metrics": {k: v for k, v in metrics.items() if v is not None},
         "chance": {k: v["chance"] for k, v in metrics.items() if v is not None},
         **({"silent_audio": {"eval": silent}} if silent else {}),
+        **({"orders": {"eval": orders}} if orders else {}),
     }
 
 
@@ -258,6 +290,12 @@ def main(argv: list[str] | None = None) -> int:
             for split in ("dev", "eval"):
                 stage(f"{m.name} inference {split}", [py, "inference/run.py", "--config", m.infer_config,
                                                       "--split", split, *m.infer_overrides])
+            # the same eval questions in 8 option orders: mean and strict accuracy, how much the member reads the
+            # options rather than their positions (the primary passes score the manifest's own order)
+            shutil.rmtree(Path(m.run_dir) / "infer_orders", ignore_errors=True)
+            stage(f"{m.name} inference eval, {ORDERS} orders", [
+                py, "inference/run.py", "--config", m.infer_config, "--split", "eval", *m.infer_overrides,
+                f"permutations={ORDERS}", f"output_dir={m.run_dir}/infer_orders", f"model_name={m.name}_orders"])
             if m.audio_floor:  # the same eval questions, every clip silenced: how much the member needs audio
                 shutil.rmtree(Path(m.run_dir) / "infer_silence", ignore_errors=True)
                 stage(f"{m.name} inference eval, silent audio", [
@@ -282,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             report["cascade"] = {"cllr": section["cllr"], "dev_accuracy": section["dev_accuracy"]}
             if section.get("text_only_floor"):
                 report["text_only_floor"] = {"eval": section["text_only_floor"]}
+                if section.get("text_only_floor_orders"):
+                    report["text_only_floor"]["eval_orders"] = section["text_only_floor_orders"]
     except StageFailed as err:
         print(f"\ndemo failed: {err}", file=sys.stderr)
         return 1

@@ -100,6 +100,12 @@ def test_demo_report_shows_eval_intervals_and_the_audio_floors(demo_dir):
         assert 0 < m["chance"]["eval"] < 1
         if m["name"] != "cascade_grpo":  # the cascade reads events; its floor is the text-only one
             assert m["silent_audio"]["eval"]["n"] == 24
+        orders = m["orders"]["eval"]  # the same questions in 8 option orders
+        assert orders["orders"] == 8 and orders["mean_over_orders"]["n"] == 24
+        assert orders["strict"]["weighted_mean"] <= orders["mean_over_orders"]["weighted_mean"]
+    assert report["text_only_floor"]["eval_orders"]["mean_over_orders"]["n"] == 24
     text = (demo_dir / "runs/demo/report.md").read_text(encoding="utf-8")
+    assert "## Eval accuracy (%) in shuffled option orders" in text
+    assert text.count("| text-only floor |") == 1
     assert "## Eval accuracy (%), with how much the audio matters" in text
     assert "| **ensemble** (fitted on dev) |" in text
