@@ -24,7 +24,7 @@ from pathlib import Path
 
 from aqa.data.summary import summarize
 from aqa.eval.metrics import accuracy_by_part, chance_level, read_predictions, wilson_interval
-from aqa.eval.orders import order_accuracy
+from aqa.eval.orders import row_order_accuracy
 from aqa.runtime.distributed import free_port
 from demo.report import load_report, save_report, upsert_member
 
@@ -213,8 +213,7 @@ def order_scores(path: Path) -> dict | None:
     if not rows:
         return None
     for r in rows:
-        right = {i for i, c in enumerate(r["choices"]) if c == r["answer"]}  # repeated options: by text
-        r["order_mean"], r["order_strict"] = order_accuracy(r["order_preds"], right)
+        r["order_mean"], r["order_strict"] = row_order_accuracy(r)
     out: dict = {"orders": max(len(r["order_preds"]) for r in rows),
                  "canonical_aggregate": accuracy_by_part(rows)["weighted_mean"]}
     for key, column in (("mean_over_orders", "order_mean"), ("strict", "order_strict")):

@@ -6,7 +6,7 @@
 
 Each rank scores its shard into <output_dir>/<split>/parts/; the last rank to finish writes predictions.jsonl,
 submission.csv and (with answers) metrics.json. A rerun of the same command scores only what no part file
-holds. All logic lives in aqa.eval.predict.
+holds. All logic lives in aqa.eval.runner and aqa.eval.predict.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import sys
 
 from aqa.config import help_text, load_config
 from aqa.errors import run_cli
-from aqa.eval.predict import InferConfig, format_metrics, merge_split, run_inference
+from aqa.eval.predict import InferConfig
+from aqa.eval.runner import format_metrics, merge_split, run_inference
 from aqa.runtime.distributed import add_launcher_args, launch_info, set_cpu_threads
 
 

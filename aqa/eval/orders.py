@@ -66,3 +66,10 @@ def order_accuracy(order_preds: Sequence[int], right: int | set[int]) -> tuple[f
     right = {right} if isinstance(right, int) else right
     hits = [p in right for p in order_preds]
     return sum(hits) / len(hits), float(all(hits))
+
+
+def row_order_accuracy(row: dict) -> tuple[float, float]:
+    """(mean, strict) of one predictions row scored in K orders (its ``order_preds``); every option holding the
+    answer's text counts as right (repeated options)."""
+    right = {i for i, c in enumerate(row["choices"]) if c == row["answer"]}
+    return order_accuracy(row["order_preds"], right)

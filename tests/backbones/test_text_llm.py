@@ -212,7 +212,8 @@ def test_sft_data_path_builds_no_feature_cache_and_decodes_nothing(backbone, tmp
 
 
 def test_inference_scores_an_events_manifest_without_audio(tiny_text_llm, tmp_path):
-    from aqa.eval.predict import InferConfig, run_inference
+    from aqa.eval.predict import InferConfig
+    from aqa.eval.runner import run_inference
 
     _events_manifest(tmp_path / "data")
     for cache_dir in (None, str(tmp_path / "cache")):

@@ -10,7 +10,8 @@ import torch
 
 from aqa.config import ConfigError, load_config
 from aqa.data.manifest import Record
-from aqa.eval.predict import InferConfig, compute_metrics, run_inference
+from aqa.eval.predict import InferConfig
+from aqa.eval.runner import compute_metrics, run_inference
 from tests.helpers import ROOT, noise, write_manifest, write_wave
 
 PARTS = {"bqa": [0, 0, 1], "cqa": [0, 2]}  # answer index per question: the flat model gets index 0 right
@@ -157,7 +158,7 @@ def test_run_script_and_config_files(flat_model, data_dir, tmp_path, capsys):
 
 def test_unparsed_generated_answers_are_wrong_and_counted(monkeypatch, flat_model, data_dir, tmp_path):
     from aqa.backbones.qwen2_audio import Qwen2AudioBackbone
-    from aqa.eval.predict import format_metrics
+    from aqa.eval.runner import format_metrics
 
     # every generated answer names no option (as MMAU's scorer would see "I cannot tell")
     monkeypatch.setattr(Qwen2AudioBackbone, "generate_answers", lambda self, model, exs, n: ["I cannot tell"] * len(exs))

@@ -9,7 +9,8 @@ import pytest
 
 from aqa.data.manifest import ManifestError, Record
 from aqa.eval.parts import MergeError, part_files, part_path
-from aqa.eval.predict import InferConfig, merge_split, run_inference
+from aqa.eval.predict import InferConfig
+from aqa.eval.runner import merge_split, run_inference
 from aqa.eval.shards import SplitIndex
 from aqa.runtime.distributed import DistInfo
 from tests.helpers import noise, write_manifest, write_wave
