@@ -1,8 +1,8 @@
 """Benchmark: one GRPO step with the shared prefix against the naive (r1-aqa) layout, same model and batch.
 
     python bench/grpo_step.py [--questions 8] [--generations 6] [--max-new-tokens 8] [--steps 3]
-                              [--device cpu|cuda] [--dtype float32|bfloat16] [--seven-b] [--no-memory] [--lora-dtype model|float32]
-                              [--no-merge-lora] [spec key=value ...]
+                              [--device cpu|cuda] [--dtype float32|bfloat16] [--seven-b] [--no-memory]
+                              [--lora-dtype model|float32] [--no-merge-lora] [spec key=value ...]
 
 A random-init Qwen2-Audio of ``aqa.backbones.qwen2_audio_tiny.TinyQwen2AudioSpec`` sizes (override any, e.g. a 7B shape on a
 GPU: hidden_size=4096 num_hidden_layers=32 num_attention_heads=32 num_key_value_heads=32
