@@ -154,11 +154,11 @@ def cascade_section(py: str, stage) -> dict | None:
     if not cal_path.is_file() or not with_events.is_file():
         return None
     shutil.rmtree("runs/demo/cascade_grpo/infer_no_events", ignore_errors=True)
-    for split in ("dev", "eval"):  # eval: the text-only floor of the report (question and options alone)
-        stage(f"cascade inference {split}, no events", [
-            py, "inference/run.py", "--config", str(DEMO_CONFIGS / "cascade_infer.yaml"), "--split", split,
-            "adapter=runs/demo/cascade_grpo/adapter", "output_dir=runs/demo/cascade_grpo/infer_no_events",
-            "model_name=cascade_grpo_no_events", "prompt.events=false"])
+    # eval: the text-only floor of the report (question and options alone)
+    stage("cascade inference dev and eval, no events", [
+        py, "inference/run.py", "--config", str(DEMO_CONFIGS / "cascade_infer.yaml"), "--split", "dev,eval",
+        "adapter=runs/demo/cascade_grpo/adapter", "output_dir=runs/demo/cascade_grpo/infer_no_events",
+        "model_name=cascade_grpo_no_events", "prompt.events=false"])
     shutil.rmtree("runs/demo/cascade_grpo/infer_no_events_orders", ignore_errors=True)
     stage(f"cascade inference eval, no events, {ORDERS} orders", [
         py, "inference/run.py", "--config", str(DEMO_CONFIGS / "cascade_infer.yaml"), "--split", "eval",
@@ -286,9 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                 stage(title, cmd)
             # scoring is cheap: score afresh, so a rerun after a config change never meets stale predictions
             shutil.rmtree(Path(m.run_dir) / "infer", ignore_errors=True)
-            for split in ("dev", "eval"):
-                stage(f"{m.name} inference {split}", [py, "inference/run.py", "--config", m.infer_config,
-                                                      "--split", split, *m.infer_overrides])
+            stage(f"{m.name} inference dev and eval", [py, "inference/run.py", "--config", m.infer_config,
+                                                       "--split", "dev,eval", *m.infer_overrides])
             # the same eval questions in 8 option orders: mean and strict accuracy, how much the member reads the
             # options rather than their positions (the primary passes score the manifest's own order)
             shutil.rmtree(Path(m.run_dir) / "infer_orders", ignore_errors=True)

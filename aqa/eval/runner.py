@@ -124,13 +124,15 @@ class PredictionRows:
                 yield json.loads(line)
 
 
-def run_inference(cfg: InferConfig, split: str, info: DistInfo | None = None) -> dict[str, Any]:
+def run_inference(cfg: InferConfig, split: str, info: DistInfo | None = None,
+                  loaded: dict | None = None) -> dict[str, Any]:
     """Score this rank's shard of ``<data_dir>/<split>.jsonl`` into its part file; the rank that finds every
     question done (the last to finish; the only one in a one-process run) merges the outputs. Returns a
     summary with the paths (and the metrics when merged).
 
     ``info``: this process's rank and world (default: from the launcher's environment). An ``eval`` split (or
-    one without answers) gets predictions and a submission but no metrics.json.
+    one without answers) gets predictions and a submission but no metrics.json. ``loaded``: a dict this call
+    keeps the scoring backbone in, so the next split a process scores with the same config reuses it.
     """
     start = time.monotonic()
     info = info or launch_info()
@@ -152,7 +154,12 @@ def run_inference(cfg: InferConfig, split: str, info: DistInfo | None = None) ->
 
     if todo:
         device = resolve_device(cfg.device, info.local_rank)
-        backbone = load_scoring_backbone(cfg, device)
+        if loaded is not None and "backbone" in loaded:
+            backbone = loaded["backbone"]
+        else:
+            backbone = load_scoring_backbone(cfg, device)
+            if loaded is not None:
+                loaded["backbone"] = backbone
         # the questions left, as the training dataset builds them (canonical order, no augmentation); a
         # backbone that reads no audio (empty feature settings: a text LLM over events) decodes no clip
         features = None

@@ -156,6 +156,35 @@ def test_run_script_and_config_files(flat_model, data_dir, tmp_path, capsys):
         run_inference(_cfg(flat_model, data_dir, tmp_path / "x", adapter=str(tmp_path / "no_adapter")), "dev")
 
 
+def test_several_splits_in_one_process_load_the_model_once_and_write_what_separate_runs_write(
+        flat_model, data_dir, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from aqa.errors import UserError
+    from aqa.eval import runner
+
+    spec = importlib.util.spec_from_file_location("infer_run", ROOT / "inference" / "run.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    loads = []
+    real_load = runner.load_scoring_backbone
+    monkeypatch.setattr(runner, "load_scoring_backbone", lambda *a: loads.append(a) or real_load(*a))
+    args = ["--config", str(ROOT / "configs" / "demo" / "qwen2_audio_infer.yaml"), f"model_path={flat_model}",
+            "adapter=null", f"data_dir={data_dir}", "cache_dir=null", "progress=false", "permutations=2"]
+    both = script.main(["--split", "dev,eval", *args, f"output_dir={tmp_path / 'both'}"])
+    assert len(loads) == 1 and [s["split"] for s in both["splits"]] == ["dev", "eval"]
+    printed = capsys.readouterr().out
+    assert "dev: scored 5," in printed and "eval: scored 5," in printed
+    for split in ("dev", "eval"):
+        script.main(["--split", split, *args, f"output_dir={tmp_path / split}"])
+        for name in ("predictions.jsonl", "submission.csv"):
+            assert (tmp_path / "both" / split / name).read_bytes() == (tmp_path / split / split / name).read_bytes()
+    assert len(loads) == 3  # one per process-like call: the two single-split calls loaded their own
+    for bad in ("dev,dev", "dev,", ","):
+        with pytest.raises(UserError, match="name each split once"):
+            script.main(["--split", bad, *args, f"output_dir={tmp_path / 'bad'}"])
+
+
 def test_unparsed_generated_answers_are_wrong_and_counted(monkeypatch, flat_model, data_dir, tmp_path):
     from aqa.backbones.qwen2_audio import Qwen2AudioBackbone
     from aqa.eval.runner import format_metrics

@@ -72,9 +72,14 @@ def _same(files: dict, reference: dict, ranks: int) -> None:
     assert files["run"]["ranks"] == ranks and files["run"]["questions_per_s"] > 0
 
 
-def test_deepspeed_two_ranks_write_the_one_process_files(assets, one_process):
+def test_deepspeed_two_ranks_write_the_one_process_files_for_each_split(assets, one_process):
     out = assets["root"] / "ds"
-    deepspeed("inference/run.py", *_args(assets, out), OMP_NUM_THREADS="1")
+    args = _args(assets, out)
+    args[args.index("--split") + 1] = "dev,eval"  # and the eval split after it, by the same two ranks
+    deepspeed("inference/run.py", *args, OMP_NUM_THREADS="1")
+    eval_rows = (out / "eval" / "predictions.jsonl").read_text().splitlines()
+    assert len(eval_rows) == 2 and not (out / "eval" / "metrics.json").exists()  # eval: no metrics.json
+    assert (out / "eval" / "submission.csv").read_text().count("\n") == 3
     files = _files(out)
     _same(files, one_process, ranks=2)
     ids = [json.loads(x)["id"] for p in part_files(out / "dev") for _, x in complete_lines(p)]
