@@ -12,6 +12,7 @@ LOCK_VENV   ?= .cache/venv-lock
 DEMO_DIR    ?= runs/demo
 DATA_DIR    ?= data/demo
 PYTEST_ARGS ?=
+TEST_WORKERS ?= auto
 DEMO_ARGS   ?=
 
 export PYTHONPATH := $(CURDIR)
@@ -58,13 +59,15 @@ test-latest:
 	$(LATEST_VENV)/bin/pip install --quiet --upgrade --upgrade-strategy eager -c $(LATEST_VENV)/torch.txt -e ".[dev]"
 	$(LATEST_VENV)/bin/pip list --format freeze | grep -i -E '^(torch|transformers|peft|deepspeed|datasets|accelerate)=='
 	touch $(LATEST_VENV)/.installed
-	$(LATEST_VENV)/bin/python -m pytest -m "not slow and not lockfile" $(PYTEST_ARGS)
+	$(LATEST_VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow and not lockfile" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m demo --out $(DEMO_DIR) --data $(DATA_DIR) $(DEMO_ARGS)
 
+# The suite runs on every core (pytest-xdist, TEST_WORKERS=1 for one process). A test file stays on one
+# worker, so a module's fixture (the smoke demo) is built once; tests/conftest.py starts the longest first.
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check aqa data_prep train inference ensemble bench tests

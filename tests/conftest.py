@@ -94,3 +94,22 @@ def tiny_kimi_audio(tiny) -> Path:
 def tiny_qwen2_5_omni(tiny) -> Path:
     """The tiny Qwen2.5-Omni release (thinker, talker, token2wav; sharded) of seed 0 (shared: read-only)."""
     return tiny.shared("qwen2_5_omni")
+
+
+# The files that take longest, started first: under `make test` (pytest-xdist, a file per worker) the other
+# workers' files fill in around them instead of one of them starting last and running alone.
+LONGEST_FIRST = (
+    "tests/recipes/test_user_commands.py",  # `make demo` at smoke size, a module fixture: several minutes
+    "tests/recipes/test_grpo_recipe.py",  # SIGKILL anywhere, kill-and-resume on two ranks
+    "tests/recipes/test_sft_recipe.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+
+    def key(item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        return rank.get(path, len(rank))
+
+    items.sort(key=key)  # stable: the rest keep pytest's order
