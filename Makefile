@@ -12,7 +12,9 @@ LOCK_VENV   ?= .cache/venv-lock
 DEMO_DIR    ?= runs/demo
 DATA_DIR    ?= data/demo
 PYTEST_ARGS ?=
-TEST_WORKERS ?= auto
+# pytest-xdist workers: one per core, at most 4 (a recipe test launches two ranks of its own, and each worker
+# holds its own torch and tiny models)
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 DEMO_ARGS   ?=
 
 export PYTHONPATH := $(CURDIR)
@@ -64,7 +66,7 @@ test-latest:
 demo: $(STAMP)
 	$(PY) -m demo --out $(DEMO_DIR) --data $(DATA_DIR) $(DEMO_ARGS)
 
-# The suite runs on every core (pytest-xdist, TEST_WORKERS=1 for one process). A test file stays on one
+# The suite runs on every core, up to 4 (pytest-xdist; TEST_WORKERS=1 for one process). A test file stays on one
 # worker, so a module's fixture (the smoke demo) is built once; tests/conftest.py starts the longest first.
 test: $(STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
