@@ -39,15 +39,13 @@ def main(argv: list[str] | None = None) -> dict:
     splits = [s.strip() for s in args.split.split(",")]
     if "" in splits or len(set(splits)) != len(splits):
         raise UserError(f"--split {args.split!r}: name each split once, comma-separated (e.g. dev,eval).")
+    if not args.merge:
+        info = launch_info()
+        set_cpu_threads(info)  # N ranks on one CPU node share its cores
     loaded: dict = {}  # the scoring model, loaded by the first split that has questions left
     summaries = []
     for split in splits:
-        if args.merge:
-            summary = merge_split(cfg, split)
-        else:
-            info = launch_info()
-            set_cpu_threads(info)  # N ranks on one CPU node share its cores
-            summary = run_inference(cfg, split, info, loaded)
+        summary = merge_split(cfg, split) if args.merge else run_inference(cfg, split, info, loaded)
         report(split, summary)
         summaries.append(summary)
     return summaries[0] if len(summaries) == 1 else {"splits": summaries}

@@ -154,12 +154,10 @@ def run_inference(cfg: InferConfig, split: str, info: DistInfo | None = None,
 
     if todo:
         device = resolve_device(cfg.device, info.local_rank)
-        if loaded is not None and "backbone" in loaded:
-            backbone = loaded["backbone"]
-        else:
-            backbone = load_scoring_backbone(cfg, device)
-            if loaded is not None:
-                loaded["backbone"] = backbone
+        loaded = {} if loaded is None else loaded
+        if "backbone" not in loaded:
+            loaded["backbone"] = load_scoring_backbone(cfg, device)
+        backbone = loaded["backbone"]
         # the questions left, as the training dataset builds them (canonical order, no augmentation); a
         # backbone that reads no audio (empty feature settings: a text LLM over events) decodes no clip
         features = None
