@@ -3,8 +3,9 @@
 ``report.json`` holds a top-level ``members`` list; each member is
 ``{"name", "backbone", "stage", "adapter", "predictions": {"dev", "eval"}, "metrics": {"dev", "eval"},
 "chance": {"dev", "eval"}, "silent_audio": {"eval"}, "orders": {"eval"}}`` (accuracies with a 95 % ``interval``;
-``orders``: mean and strict accuracy over K option orders), plus
-``"ensemble"``, ``"text_only_floor"`` and ``"wall_s"`` once those stages have run.
+``orders``: mean and strict accuracy over K option orders; ``silent_audio`` likewise), plus ``"ensemble"``,
+``"text_only_floor"`` (``eval``, ``eval_orders``), ``"grpo_vs_sft"`` (each GRPO member beside its SFT start: both
+means over orders and the paired difference with its interval) and ``"wall_s"`` once those stages have run.
 """
 
 from __future__ import annotations
@@ -52,48 +53,72 @@ def _interval(m: dict[str, Any] | None) -> str:
     return f"{_fmt(m['weighted_mean'])} [{_fmt(lo)}, {_fmt(hi)}]"
 
 
+def _mean(m: dict[str, Any] | None) -> float | None:
+    return None if not m else m.get("weighted_mean")
+
+
 def floors_table(report: dict[str, Any]) -> str:
-    """Markdown: per system, eval accuracy with its 95 % interval beside the chance level, the text-only floor
-    and the member's own silent-audio accuracy; dev for reference (the split the configs were tuned on, and
-    the one the ensemble is fitted on)."""
-    floor = (report.get("text_only_floor") or {}).get("eval")
-    head = ["system", "eval [95 % interval]", "silent audio (eval)", "text-only floor (eval)", "chance (eval)",
-            "dev [95 % interval]", "n eval"]
+    """Markdown: per system, eval accuracy over the K option orders each question was scored in (mean and strict)
+    and of the order-averaged prediction, beside the member's own silent-audio accuracy and the text-only floor:
+    how far above the floor the member's mean lies and whether its 95 % interval clears it. Dev for reference."""
+    floor = report.get("text_only_floor") or {}
+    floor_orders = (floor.get("eval_orders") or {}).get("mean_over_orders")
+    floor_mean = _mean(floor_orders) if floor_orders else _mean(floor.get("eval"))
+    head = ["system", "mean over orders [95 %]", "strict", "order-averaged [95 %]", "silent audio (mean)",
+            "above the text-only floor", "interval clears it", "dev (order-averaged)", "chance", "n"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in report.get("members", []):
-        ev = m.get("metrics", {}).get("eval")
-        silent = (m.get("silent_audio") or {}).get("eval")
+    rows = [(f"{m['name']} ({m['backbone']}, {m['stage']})", (m.get("orders") or {}).get("eval"),
+             m.get("metrics", {}).get("eval"), m.get("silent_audio") or {}, m.get("metrics", {}).get("dev"),
+             (m.get("chance") or {}).get("eval")) for m in report.get("members", [])]
+    for name, orders, ev, silent, dev, chance in rows:
+        mean = (orders or {}).get("mean_over_orders") or ev
+        silent_m = (silent.get("eval_orders") or {}).get("mean_over_orders") or silent.get("eval")
+        above = clears = "–"
+        if floor_mean is not None and _mean(mean) is not None:
+            above = f"{100 * (_mean(mean) - floor_mean):+.1f}"
+            clears = "yes" if mean["interval"][0] > floor_mean else "no"
         lines.append("| " + " | ".join([
-            f"{m['name']} ({m['backbone']}, {m['stage']})", _interval(ev), _interval(silent), _interval(floor),
-            _fmt((m.get("chance") or {}).get("eval")), _interval(m.get("metrics", {}).get("dev")),
-            str(ev["n"]) if ev else "–"]) + " |")
+            name, _interval(mean), _fmt(_mean((orders or {}).get("strict"))), _interval(ev), _fmt(_mean(silent_m)),
+            above, clears, _fmt(_mean(dev)), _fmt(chance), str(ev["n"]) if ev else "–"]) + " |")
+    if floor_orders or floor.get("eval"):
+        lines.append("| " + " | ".join([
+            "text-only floor", _interval(floor_orders or floor.get("eval")),
+            _fmt(_mean((floor.get("eval_orders") or {}).get("strict"))), _interval(floor.get("eval")), "–", "–", "–",
+            "–", "–", str((floor.get("eval") or {}).get("n", "–"))]) + " |")
     ens = (report.get("ensemble") or {}).get("metrics") or {}
     if ens.get("eval"):
         lines.append("| " + " | ".join([
-            "**ensemble** (fitted on dev)", _interval(ens["eval"]), "–", _interval(floor),
-            _fmt(ens["eval"].get("chance")), _interval(ens.get("dev")) + " in-sample", str(ens["eval"].get("n", ""))])
-            + " |")
+            "**ensemble** (fitted on dev)", "–", "–", _interval(ens["eval"]), "–", "–", "–",
+            _fmt(_mean(ens.get("dev"))) + " in-sample", _fmt(ens["eval"].get("chance")),
+            str(ens["eval"].get("n", ""))]) + " |")
     return "\n".join(lines)
 
 
-def orders_table(report: dict[str, Any]) -> str:
-    """Markdown: per system, eval accuracy in the manifest's option order beside the same questions scored in
-    K shuffled orders: the mean over orders, strict (right in every order) and the order-averaged prediction's
-    accuracy. A model that reads the options scores alike in every order; one that learned answer positions
-    falls to chance."""
-    head = ["system", "manifest order", "mean over orders", "strict", "order-averaged prediction", "orders (at most)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    floor = report.get("text_only_floor") or {}
-    rows = [(f"{m['name']} ({m['backbone']}, {m['stage']})", m.get("metrics", {}).get("eval"),
-             (m.get("orders") or {}).get("eval")) for m in report.get("members", [])]
-    rows.append(("text-only floor", floor.get("eval"), floor.get("eval_orders")))
-    for name, canonical, orders in rows:
-        if not orders:
-            continue
-        lines.append("| " + " | ".join([
-            name, _interval(canonical), _interval(orders["mean_over_orders"]), _interval(orders["strict"]),
-            _fmt(orders["canonical_aggregate"]), str(orders["orders"])]) + " |")
-    return "\n".join(lines) if len(lines) > 2 else ""
+def grpo_table(report: dict[str, Any]) -> str:
+    """Markdown: each GRPO member beside its SFT start on eval (mean over orders) and the paired difference."""
+    rows = report.get("grpo_vs_sft") or []
+    if not rows:
+        return ""
+    lines = ["| GRPO member | its SFT start | SFT [95 %] | GRPO [95 %] | GRPO - SFT, paired [95 %] | n |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lo, hi = r["interval"]
+        lines.append(f"| {r['grpo']} | {r['sft']} | {_interval(r['sft_mean_over_orders'])} | "
+                     f"{_interval(r['grpo_mean_over_orders'])} | {100 * r['difference']:+.1f} "
+                     f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {r['n']} |")
+    return "\n".join(lines)
+
+
+def grpo_verdict(row: dict[str, Any]) -> str:
+    """One sentence: did GRPO help its SFT start, by how much, or can the eval split not tell."""
+    lo, hi = row["interval"]
+    d = 100 * row["difference"]
+    if lo > 0:
+        return f"{row['grpo']}: GRPO helped, {d:+.1f} points over {row['sft']} (95 % interval {100 * lo:+.1f} to {100 * hi:+.1f})."
+    if hi < 0:
+        return f"{row['grpo']}: GRPO hurt, {d:+.1f} points against {row['sft']} (95 % interval {100 * lo:+.1f} to {100 * hi:+.1f})."
+    return (f"{row['grpo']}: no difference the eval split can show ({d:+.1f} points against {row['sft']}, 95 % "
+            f"interval {100 * lo:+.1f} to {100 * hi:+.1f}).")
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -110,15 +135,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         chance = rows[0][2] if rows else None
         rows.append(("**ensemble**", ens["metrics"]["dev"], chance))
     if any(m.get("metrics", {}).get("eval") for m in report.get("members", [])):
-        out += ["## Eval accuracy (%), with how much the audio matters", "",
-                "Held-out eval questions, 95 % Wilson intervals. *Silent audio*: the same model with every clip "
-                "silenced; *text-only floor*: the cascade's text LLM reading the question and options alone.", "",
-                floors_table(report), ""]
-    orders = orders_table(report)
-    if orders:
-        out += ["## Eval accuracy (%) in shuffled option orders", "",
-                "The same eval questions with their options shuffled (the first order is the manifest's). Mean and "
-                "strict with approximate 95 % Wilson intervals over the questions.", "", orders, ""]
+        out += ["## Eval accuracy (%) in shuffled option orders, against the floors", "",
+                "Held-out eval questions, each scored in K option orders (the inference config's `permutations`; "
+                "fewer for a question with fewer distinct orders). *Mean*: the fraction of its orders a question is "
+                "right in, averaged; *strict*: right in every order; *order-averaged*: the prediction from the "
+                "log-probabilities averaged over the orders (what the submission holds). *Silent audio*: the same "
+                "model with every clip silenced; *text-only floor*: the cascade's text LLM reading the question and "
+                "options alone, in the same orders. 95 % Wilson intervals over the questions (approximate for the "
+                "mean).", "", floors_table(report), ""]
+    grpo = grpo_table(report)
+    if grpo:
+        out += ["## GRPO against its SFT start", "", grpo, "",
+                *[grpo_verdict(r) for r in report.get("grpo_vs_sft", [])], ""]
     if rows:
         out += ["## Dev accuracy (%)", "", accuracy_table(rows), ""]
     else:

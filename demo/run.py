@@ -4,8 +4,10 @@ Every stage runs as a subprocess with exactly the command a user would type (``d
 ...``), so the demo exercises the real launchers and scripts, not a shortcut through the library.
 The report (``report.json`` / ``report.md``) is assembled from the files the stages write.
 
-Order: synthetic data -> tiny models -> per member: SFT (2 CPU ranks) -> GRPO -> inference on dev and
-eval -> the learnable ensemble -> the report.
+Order: synthetic data and option-reading questions -> tiny models -> per backbone: the option-reading stage
+(SFT in full on "Which option says ...?" questions: what pretraining gives a 7B backbone) -> per member: SFT
+with shuffled options (2 CPU ranks) -> GRPO -> inference on dev and eval in 8 option orders -> the learnable
+ensemble -> the report.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aqa.data.summary import summarize
-from aqa.eval.metrics import accuracy_by_part, chance_level, read_predictions, wilson_interval
+from aqa.eval.metrics import (
+    accuracy_by_part,
+    chance_level,
+    paired_difference,
+    read_predictions,
+    wilson_interval,
+)
 from aqa.eval.orders import row_order_accuracy
 from aqa.runtime.distributed import free_port
 from demo.report import load_report, save_report, upsert_member
@@ -31,7 +39,12 @@ from demo.report import load_report, save_report, upsert_member
 DEMO_CONFIGS = Path("configs/demo")
 # --smoke: the same stages and commands at a size that checks the chain, not what it learns
 SMOKE_SIZES = ["--train", "48", "--dev", "24", "--eval", "24"]
-ORDERS = 8  # option orders of the order-sensitivity pass, as the 7B inference configs score
+SMOKE_READING = ["--split", "train=64@0.1", "--split", "dev=16@0.1"]
+READING_DATA = "data/demo_reading"
+# the tiny backbones' settings where the demo departs from the 7B value (python -m aqa.tiny NAME key=value):
+# RoPE theta 1e6, as the text LLM and Qwen2.5-Omni have; with the 7B's 1e4 the tiny Qwen2-Audio learned to read
+# options far slower (README, "Teaching the tiny backbones to read options")
+TINY_OVERRIDES = {"qwen2_audio": ["rope_theta=1e6"], "kimi_audio": ["rope_theta=1e6"]}
 SMOKE_TRAIN = {"train/sft.py": ["max_steps=2", "eval.every_steps=0", "checkpoint.every_steps=0"],
                "train/grpo.py": ["max_steps=2", "eval.every_steps=0", "checkpoint.every_steps=0"],
                "train/sed.py": ["max_steps=2", "eval.every_steps=0"]}
@@ -93,9 +106,15 @@ def run_stage(title: str, cmd: list[str], log_dir: Path) -> float:
 def build_members(py: str, ds: list[str]) -> list[Member]:
     """The demo's members, each a chain of the users' commands with the demo configs."""
     cfg = DEMO_CONFIGS
+
+    def reading(prefix: str) -> tuple[str, list[str]]:
+        """The backbone's option-reading stage: full SFT on READING_DATA, writing the model/ its SFT starts from."""
+        return f"{prefix} option reading", [*ds, "train/sft.py", "--config", str(cfg / f"{prefix}_reading.yaml")]
+
     qwen = Member(
         "qwen2_audio_sft", "qwen2_audio", "sft", "runs/demo/qwen2_audio_sft", str(cfg / "qwen2_audio_infer.yaml"),
-        train=[("qwen2_audio SFT", [*ds, "train/sft.py", "--config", str(cfg / "qwen2_audio_sft.yaml")])],
+        train=[reading("qwen2_audio"),
+               ("qwen2_audio SFT", [*ds, "train/sft.py", "--config", str(cfg / "qwen2_audio_sft.yaml")])],
     )
     qwen_grpo = Member(
         "qwen2_audio_grpo", "qwen2_audio", "grpo", "runs/demo/qwen2_audio_grpo", str(cfg / "qwen2_audio_infer.yaml"),
@@ -107,13 +126,15 @@ def build_members(py: str, ds: list[str]) -> list[Member]:
     if (cfg / "kimi_audio_sft.yaml").is_file():
         members.append(Member(
             "kimi_audio_sft", "kimi_audio", "sft", "runs/demo/kimi_audio_sft", str(cfg / "kimi_audio_infer.yaml"),
-            train=[("kimi_audio SFT", [*ds, "train/sft.py", "--config", str(cfg / "kimi_audio_sft.yaml")])],
+            train=[reading("kimi_audio"),
+                   ("kimi_audio SFT", [*ds, "train/sft.py", "--config", str(cfg / "kimi_audio_sft.yaml")])],
         ))
     if (cfg / "qwen2_5_omni_sft.yaml").is_file():
         members.append(Member(
             "qwen2_5_omni_sft", "qwen2_5_omni", "sft", "runs/demo/qwen2_5_omni_sft",
             str(cfg / "qwen2_5_omni_infer.yaml"),
-            train=[("qwen2_5_omni SFT", [*ds, "train/sft.py", "--config", str(cfg / "qwen2_5_omni_sft.yaml")])],
+            train=[reading("qwen2_5_omni"),
+                   ("qwen2_5_omni SFT", [*ds, "train/sft.py", "--config", str(cfg / "qwen2_5_omni_sft.yaml")])],
         ))
     if (cfg / "cascade_sft.yaml").is_file():
         sed, events = "runs/demo/cascade/sed/model", "runs/demo/cascade/events"
@@ -126,6 +147,7 @@ def build_members(py: str, ds: list[str]) -> list[Member]:
                                            "--sed", sed, "--calibration", "runs/demo/cascade/calibration.json",
                                            "--out", events, "--config", str(cfg / "cascade_events.yaml")])
               for split in ("train", "dev", "eval")],
+            reading("cascade"),
             ("cascade SFT", [*ds, "train/sft.py", "--config", str(cfg / "cascade_sft.yaml")]),
             ("cascade GRPO", [*ds, "train/grpo.py", "--config", str(cfg / "cascade_grpo.yaml")]),
         ]
@@ -159,11 +181,6 @@ def cascade_section(py: str, stage) -> dict | None:
         py, "inference/run.py", "--config", str(DEMO_CONFIGS / "cascade_infer.yaml"), "--split", "dev,eval",
         "adapter=runs/demo/cascade_grpo/adapter", "output_dir=runs/demo/cascade_grpo/infer_no_events",
         "model_name=cascade_grpo_no_events", "prompt.events=false"])
-    shutil.rmtree("runs/demo/cascade_grpo/infer_no_events_orders", ignore_errors=True)
-    stage(f"cascade inference eval, no events, {ORDERS} orders", [
-        py, "inference/run.py", "--config", str(DEMO_CONFIGS / "cascade_infer.yaml"), "--split", "eval",
-        "adapter=runs/demo/cascade_grpo/adapter", "output_dir=runs/demo/cascade_grpo/infer_no_events_orders",
-        "model_name=cascade_grpo_no_events_orders", "prompt.events=false", f"permutations={ORDERS}"])
     cal = json.loads(cal_path.read_text(encoding="utf-8"))
     acc = {name: json.loads(Path(f"runs/demo/cascade_grpo/{d}/dev/metrics.json").read_text())["weighted_mean"]
            for name, d in (("with events", "infer"), ("without events", "infer_no_events"))}
@@ -175,17 +192,19 @@ def cascade_section(py: str, stage) -> dict | None:
         "", "| cascade on dev | weighted accuracy |", "|---|---|",
         *[f"| {k} | {100 * v:.1f} |" for k, v in acc.items()],
     ])
-    floor = scored(Path("runs/demo/cascade_grpo/infer_no_events/eval/predictions.jsonl"))
+    floor_path = Path("runs/demo/cascade_grpo/infer_no_events/eval/predictions.jsonl")
+    floor = scored(floor_path)
     return {"title": "Cascade: calibration and events", "body": body, "cllr": {
         "before": cal["mean_cllr_before"], "after": cal["mean_cllr_after"]}, "dev_accuracy": acc,
         "text_only_floor": floor,
-        "text_only_floor_orders": order_scores(Path("runs/demo/cascade_grpo/infer_no_events_orders/eval/predictions.jsonl"))}
+        "text_only_floor_orders": order_scores(floor_path)}
 
 
 def tiny_models(py: str, members: list[Member], seed: int) -> list[tuple[str, list[str]]]:
     """One ``python -m aqa.tiny`` per backbone the members use (text backbones included)."""
     backbones = sorted({m.backbone for m in members})
-    return [(f"tiny {b}", [py, "-m", "aqa.tiny", b, "--out", f"runs/demo/models/{b}", "--seed", str(seed)])
+    return [(f"tiny {b}", [py, "-m", "aqa.tiny", b, "--out", f"runs/demo/models/{b}", "--seed", str(seed),
+                           *TINY_OVERRIDES.get(b, [])])
             for b in backbones]
 
 
@@ -222,20 +241,46 @@ def order_scores(path: Path) -> dict | None:
     return out
 
 
+def grpo_against_sft(members: list[Member]) -> list[dict]:
+    """Each GRPO member beside the SFT member of its backbone it started from, on eval in the option orders both
+    were scored in: the two mean-over-orders accuracies with their intervals, and the paired difference (GRPO
+    minus SFT, question by question) with its 95 % interval."""
+    out = []
+    for grpo in (m for m in members if m.stage == "grpo"):
+        sft = next((m for m in members if m.stage == "sft" and m.backbone == grpo.backbone), None)
+        if sft is None:
+            continue
+        paths = [Path(m.run_dir) / "infer" / "eval" / "predictions.jsonl" for m in (sft, grpo)]
+        scores = [order_scores(p) for p in paths]
+        if None in scores:
+            continue
+        rows = [{r["id"]: row_order_accuracy(r)[0] for r in read_predictions(p) if r.get("answer") is not None}
+                for p in paths]
+        ids = sorted(set(rows[0]) & set(rows[1]))
+        out.append({"grpo": grpo.name, "sft": sft.name,
+                    "sft_mean_over_orders": scores[0]["mean_over_orders"],
+                    "grpo_mean_over_orders": scores[1]["mean_over_orders"],
+                    **paired_difference([rows[0][i] for i in ids], [rows[1][i] for i in ids])})
+    return out
+
+
 def member_entry(m: Member) -> dict:
     """The member's ``report.json`` entry from the files its inference wrote: dev and eval accuracy with
     95 % intervals, and the silent-audio accuracy on eval where it was measured."""
     run = Path(m.run_dir)
     dev_pred, eval_pred = run / "infer" / "dev" / "predictions.jsonl", run / "infer" / "eval" / "predictions.jsonl"
     metrics = {"dev": scored(dev_pred), "eval": scored(eval_pred)}
-    silent = scored(run / "infer_silence" / "eval" / "predictions.jsonl") if m.audio_floor else None
-    orders = order_scores(run / "infer_orders" / "eval" / "predictions.jsonl")
+    silent_path = run / "infer_silence" / "eval" / "predictions.jsonl"
+    silent = scored(silent_path) if m.audio_floor else None
+    silent_orders = order_scores(silent_path) if m.audio_floor else None
+    orders = order_scores(eval_pred)
     return {
         "name": m.name, "backbone": m.backbone, "stage": m.stage, "adapter": str(run / "adapter"),
         "predictions": {"dev": str(dev_pred), "eval": str(eval_pred)},
         "metrics": {k: v for k, v in metrics.items() if v is not None},
         "chance": {k: v["chance"] for k, v in metrics.items() if v is not None},
-        **({"silent_audio": {"eval": silent}} if silent else {}),
+        **({"silent_audio": {"eval": silent, **({"eval_orders": silent_orders} if silent_orders else {})}}
+           if silent else {}),
         **({"orders": {"eval": orders}} if orders else {}),
     }
 
@@ -277,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         stage("synthetic data", [py, "-m", "data_prep.synth", "--out", str(data), "--seed", str(args.seed),
                                  *(SMOKE_SIZES if args.smoke else [])])
         report["data_summary"] = summarize(data)
+        # -- the option-reading questions of the tiny backbones' first stage, in the words of the demo's options
+        stage("option-reading data", [py, "-m", "data_prep.option_reading", "--out", READING_DATA, "--words-from",
+                                      str(data), "--seed", str(args.seed), *(SMOKE_READING if args.smoke else [])])
         # -- tiny random-init backbones, written as HF directories and loaded like a 7B checkpoint
         for title, cmd in tiny_models(py, members, args.seed):
             stage(title, cmd)
@@ -284,16 +332,12 @@ def main(argv: list[str] | None = None) -> int:
         for m in members:
             for title, cmd in m.train:
                 stage(title, cmd)
-            # scoring is cheap: score afresh, so a rerun after a config change never meets stale predictions
+            # scoring is cheap: score afresh, so a rerun after a config change never meets stale predictions. Each
+            # question in 8 option orders (the configs' permutations): mean and strict accuracy over the orders
+            # say whether the member reads the options or only their positions
             shutil.rmtree(Path(m.run_dir) / "infer", ignore_errors=True)
             stage(f"{m.name} inference dev and eval", [py, "inference/run.py", "--config", m.infer_config,
                                                        "--split", "dev,eval", *m.infer_overrides])
-            # the same eval questions in 8 option orders: mean and strict accuracy, how much the member reads the
-            # options rather than their positions (the primary passes score the manifest's own order)
-            shutil.rmtree(Path(m.run_dir) / "infer_orders", ignore_errors=True)
-            stage(f"{m.name} inference eval, {ORDERS} orders", [
-                py, "inference/run.py", "--config", m.infer_config, "--split", "eval", *m.infer_overrides,
-                f"permutations={ORDERS}", f"output_dir={m.run_dir}/infer_orders", f"model_name={m.name}_orders"])
             if m.audio_floor:  # the same eval questions, every clip silenced: how much the member needs audio
                 shutil.rmtree(Path(m.run_dir) / "infer_silence", ignore_errors=True)
                 stage(f"{m.name} inference eval, silent audio", [
@@ -312,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             from aqa.ensemble.run import report_entry
 
             report["ensemble"] = report_entry(out / "ensemble", relative_to=out)
+        report["grpo_vs_sft"] = grpo_against_sft(members)
         section = next((m.report_section(py, stage) for m in members if m.report_section), None)
         report["sections"] = [section] if section else []
         if section:

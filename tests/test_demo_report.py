@@ -1,4 +1,4 @@
-"""The demo report's option-order table, from a predictions file scored in K orders (no launch)."""
+"""The demo report's tables, from predictions files scored in K option orders (no launch)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from demo.report import orders_table, render_markdown
+from aqa.eval.metrics import paired_difference
+from demo.report import floors_table, grpo_verdict, render_markdown
 from demo.run import order_scores
 
 
@@ -40,18 +41,37 @@ def test_order_scores_is_none_for_a_one_order_file_or_no_file(tmp_path):
     assert order_scores(path) is None
 
 
-def test_the_report_shows_each_member_and_the_floor_in_shuffled_orders(tmp_path):
+def test_the_report_shows_each_member_against_the_floor_in_shuffled_orders(tmp_path):
     path = tmp_path / "predictions.jsonl"
-    path.write_text(json.dumps(_row(0, "a", [0, 1, 0, 0])) + "\n")
-    orders = order_scores(path)
-    canonical = {"weighted_mean": 1.0, "n": 1, "interval": [0.2, 1.0]}
+    path.write_text("".join(json.dumps(_row(i, "a", [0, 0, 0, 0] if i < 18 else [1, 1, 1, 1])) + "\n"
+                            for i in range(20)))
+    orders = order_scores(path)  # mean 0.9 over 20 questions
+    floor_path = tmp_path / "floor.jsonl"
+    floor_path.write_text("".join(json.dumps(_row(i, "a", [0, 1, 1, 1])) + "\n" for i in range(20)))
+    floor = order_scores(floor_path)  # mean 0.25
+    canonical = {"weighted_mean": 0.9, "n": 20, "interval": [0.7, 0.97]}
     report = {"members": [{"name": "m1", "backbone": "b", "stage": "sft", "metrics": {"eval": canonical},
                            "orders": {"eval": orders}},
                           {"name": "m2", "backbone": "b", "stage": "sft", "metrics": {"eval": canonical}}],
-              "text_only_floor": {"eval": canonical, "eval_orders": orders}}
-    table = orders_table(report)
-    assert "| m1 (b, sft) | 100.0 [20.0, 100.0] | 75.0 [" in table
-    assert "m2" not in table  # scored in one order only: no row
-    assert "| text-only floor |" in table
-    assert "## Eval accuracy (%) in shuffled option orders" in render_markdown(report)
-    assert orders_table({"members": []}) == ""
+              "text_only_floor": {"eval": canonical, "eval_orders": floor}}
+    table = floors_table(report)
+    assert "| m1 (b, sft) | 90.0 [" in table and "| +65.0 | yes |" in table
+    assert "| m2 (b, sft) | 90.0 [70.0, 97.0] |" in table  # one order only: its single-order accuracy
+    assert "| text-only floor | 25.0 [" in table
+    text = render_markdown(report)
+    assert "## Eval accuracy (%) in shuffled option orders, against the floors" in text
+    assert "## GRPO against its SFT start" not in text  # no GRPO member
+
+
+def test_grpo_is_reported_beside_its_sft_start_with_a_paired_interval():
+    mean = {"weighted_mean": 0.5, "n": 40, "interval": [0.35, 0.65]}
+    row = {"grpo": "g", "sft": "s", "sft_mean_over_orders": mean, "grpo_mean_over_orders": mean, "n": 40,
+           **paired_difference([0.5] * 20 + [0.4] * 20, [0.5] * 20 + [0.6] * 20)}
+    assert row["difference"] == pytest.approx(0.1) and 0 < row["interval"][0] < 0.1 < row["interval"][1]
+    text = render_markdown({"members": [], "grpo_vs_sft": [row]})
+    assert "| g | s | 50.0 [35.0, 65.0] | 50.0 [35.0, 65.0] | +10.0 [" in text
+    assert "g: GRPO helped, +10.0 points over s" in text
+    same = {**row, **paired_difference([0.5, 0.0, 1.0], [0.5, 1.0, 0.0])}
+    assert "no difference the eval split can show" in grpo_verdict(same)
+    with pytest.raises(ValueError, match="same questions"):
+        paired_difference([1.0], [1.0, 0.0])

@@ -89,6 +89,9 @@ class TinyQwen2AudioSpec:
     num_key_value_heads: int = 2  # 32
     intermediate_size: int = 128  # 11008
     max_position_embeddings: int = 4096  # 8192
+    # 7B: 1e4. The demo builds its tiny one with 1e6 (the text LLM's): on option-reading questions it reached 0.78
+    # in 1,000 CPU steps where 1e4 stayed at 0.51 (README, "Teaching the tiny backbones to read options").
+    rope_theta: float = 10000.0
     audio_d_model: int = 64  # 1280
     audio_layers: int = 2  # 32
     audio_heads: int = 4  # 20
@@ -194,7 +197,7 @@ def tiny_qwen2_audio_config(spec: TinyQwen2AudioSpec, tokenizer):
             "num_key_value_heads": spec.num_key_value_heads,
             "intermediate_size": spec.intermediate_size,
             "max_position_embeddings": spec.max_position_embeddings,
-            "rope_theta": 10000.0,
+            "rope_theta": spec.rope_theta,
             "rms_norm_eps": 1e-5,
             "bos_token_id": ids[ENDOFTEXT],
             "eos_token_id": ids[IM_END],

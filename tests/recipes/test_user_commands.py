@@ -105,7 +105,20 @@ def test_demo_report_shows_eval_intervals_and_the_audio_floors(demo_dir):
         assert orders["strict"]["weighted_mean"] <= orders["mean_over_orders"]["weighted_mean"]
     assert report["text_only_floor"]["eval_orders"]["mean_over_orders"]["n"] == 24
     text = (demo_dir / "runs/demo/report.md").read_text(encoding="utf-8")
-    assert "## Eval accuracy (%) in shuffled option orders" in text
+    assert "## Eval accuracy (%) in shuffled option orders, against the floors" in text
     assert text.count("| text-only floor |") == 1
-    assert "## Eval accuracy (%), with how much the audio matters" in text
     assert "| **ensemble** (fitted on dev) |" in text
+    (grpo,) = report["grpo_vs_sft"]  # the Qwen2-Audio GRPO member beside its SFT start
+    assert (grpo["grpo"], grpo["sft"], grpo["n"]) == ("qwen2_audio_grpo", "qwen2_audio_sft", 24)
+    assert "## GRPO against its SFT start" in text
+
+
+@pytest.mark.slow
+def test_each_backbone_starts_from_its_option_reading_model(demo_dir):
+    """The option-reading stage wrote a plain HF directory per backbone, and the SFT runs loaded it as their base."""
+    for prefix in ("qwen2_audio", "kimi_audio", "qwen2_5_omni", "text_llm"):
+        assert (demo_dir / f"runs/demo/{prefix}_reading/model/config.json").is_file(), prefix
+    assert len((demo_dir / "data/demo_reading/train.jsonl").read_text().splitlines()) == 64  # the smoke size
+    for run in ("qwen2_audio_sft", "kimi_audio_sft", "qwen2_5_omni_sft", "cascade_sft"):
+        cfg = yaml.safe_load((demo_dir / f"runs/demo/{run}/config.yaml").read_text(encoding="utf-8"))
+        assert cfg["model_path"].endswith("_reading/model") and cfg["augment"]["shuffle_options"]["p"] == 1.0

@@ -1,0 +1,118 @@
+"""Option-reading questions: multiple-choice questions whose answer is stated in the question.
+
+    Which option says "hiss"?
+    (A) rising
+    (B) hiss
+    (C) 2
+    Answer with the option's letter.        -> B
+
+A 7B backbone arrives from pretraining able to read lettered options and point at the one a question
+names. A tiny random-init backbone cannot, so it learns the position of an answer rather than its text,
+and option shuffling and scoring in several orders measure nothing but chance. Training on these
+questions first (``configs/demo/*_reading.yaml``, through ``train/sft.py`` like any other SFT) gives the
+tiny backbones that skill, the way pretraining gives it to the real ones; the audio questions then start
+from a model that can bind option text to letters.
+
+The words are those the options of a manifest are made of (``--words-from``), so the tiny tokenizer
+knows them. Every split has one clip length: each of its records points at one silent clip of that
+length (the question needs no audio; the clip is there because every record of the manifest contract
+has one, and because a model that learned to read with a short clip must still read with a long one).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from aqa.data.manifest import ManifestError, Record, read_jsonl, write_dataset_info, write_jsonl
+
+SAMPLE_RATE = 16_000
+PART = "reading"
+QUESTION = 'Which option says "{word}"?'
+AUDIO_DIR = "audio"
+
+
+@dataclass
+class ReadingSplit:
+    """One split: how many questions, and the length of the silent clip they all point at."""
+
+    name: str
+    questions: int
+    clip_seconds: float
+
+    @classmethod
+    def parse(cls, spec: str) -> ReadingSplit:
+        """``NAME=N@SECONDS``, e.g. ``train=8000@0.1``."""
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)=(\d+)@([0-9.]+)", spec.strip())
+        if not m:
+            raise ValueError(f"split '{spec}' is not NAME=N@SECONDS (for example train=8000@0.1).")
+        split = cls(m.group(1), int(m.group(2)), float(m.group(3)))
+        if split.questions < 1 or not 0.05 <= split.clip_seconds <= 30:
+            raise ValueError(f"split '{spec}': N must be >= 1 and SECONDS between 0.05 and 30.")
+        return split
+
+
+@dataclass
+class ReadingConfig:
+    splits: list[ReadingSplit] = field(default_factory=lambda: [ReadingSplit("train", 8000, 0.1),
+                                                                 ReadingSplit("dev", 256, 0.1)])
+    min_options: int = 2
+    max_options: int = 5
+    seed: int = 0
+
+
+def option_words(manifest_dir: str | Path, split: str = "train") -> list[str]:
+    """The distinct words of a manifest split's option texts ("beep, then hiss" -> beep, then, hiss)."""
+    path = Path(manifest_dir) / f"{split}.jsonl"
+    words = {w for row in read_jsonl(path) for choice in row.get("choices", [])
+             for w in re.split(r"[\s,.;:!?]+", str(choice)) if w}
+    return sorted(words)
+
+
+def make_question(rng: random.Random, words: list[str], cfg: ReadingConfig) -> tuple[str, list[str], str]:
+    """A question naming one of 2..max_options distinct words, in random order: (question, choices, answer)."""
+    n = rng.randint(cfg.min_options, cfg.max_options)
+    choices = rng.sample(words, n)
+    answer = choices[rng.randrange(n)]
+    return QUESTION.format(word=answer), choices, answer
+
+
+def build(out_dir: str | Path, words: list[str], cfg: ReadingConfig) -> dict[str, int]:
+    """Write ``OUT/<split>.jsonl``, ``OUT/audio/silence_<ms>ms.wav`` and ``OUT/dataset.json``; returns the counts.
+
+    The same words, config and seed give the same bytes.
+    """
+    out = Path(out_dir)
+    if len(words) < cfg.max_options:
+        raise ManifestError(f"option reading needs at least max_options={cfg.max_options} distinct words, "
+                            f"got {len(words)}: point --words-from at a manifest with more option texts.")
+    if not 2 <= cfg.min_options <= cfg.max_options:
+        raise ValueError(f"need 2 <= min_options <= max_options, got {cfg.min_options} and {cfg.max_options}.")
+    names = [s.name for s in cfg.splits]
+    if len(set(names)) != len(names):
+        raise ValueError(f"split names must be distinct, got {names}.")
+    (out / AUDIO_DIR).mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for k, split in enumerate(cfg.splits):
+        clip = f"silence_{round(split.clip_seconds * 1000)}ms.wav"
+        if not (out / AUDIO_DIR / clip).is_file():
+            sf.write(out / AUDIO_DIR / clip, np.zeros(round(split.clip_seconds * SAMPLE_RATE), dtype=np.float32),
+                     SAMPLE_RATE, subtype="PCM_16")
+        rng = random.Random(f"{cfg.seed}/{k}/{split.name}")
+        rows = []
+        for i in range(split.questions):
+            question, choices, answer = make_question(rng, words, cfg)
+            rows.append(Record(id=f"{PART}_{split.name}_{i:05d}", part=PART, split=split.name, audio=clip,
+                               question=question, choices=choices, answer=answer,
+                               meta={"question_type": "option_reading", "duration_s": split.clip_seconds,
+                                     "chance": round(1 / len(choices), 6)}))
+        counts[split.name] = write_jsonl(out / f"{split.name}.jsonl", rows)
+    write_jsonl(out / "quarantine.jsonl", [])
+    write_dataset_info(out, out / AUDIO_DIR, splits={name: {"count": n, "source": "option_reading"}
+                                                      for name, n in counts.items()})
+    return counts

@@ -1,0 +1,50 @@
+"""Option-reading questions for the tiny backbones' pretraining stage ("Which option says "hiss"?").
+
+    python -m data_prep.option_reading --out data/demo_reading --words-from data/demo
+                                       [--split NAME=N@SECONDS ...] [--min-options 2] [--max-options 5] [--seed 0]
+
+Writes ``OUT/<split>.jsonl`` (one record per question, options in random order, the answer named in the
+question), ``OUT/audio/`` (one silent clip per split length) and ``OUT/dataset.json``. The words are those of
+the option texts of ``--words-from``'s train split. Default splits: train=8000@0.1 and dev=256@0.1. The same
+arguments give the same bytes. See aqa/data/option_reading.py for why the stage exists.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from aqa.data.convert import ConversionError, converter_parser, run_cli
+from aqa.data.manifest import ManifestError
+from aqa.data.option_reading import ReadingConfig, ReadingSplit, build, option_words
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = converter_parser("python -m data_prep.option_reading", __doc__)
+    parser.add_argument("--words-from", required=True, help="manifest directory whose train options give the words")
+    parser.add_argument("--split", action="append", default=None, metavar="NAME=N@SECONDS",
+                        help="a split of N questions on a silent clip of SECONDS (repeatable)")
+    parser.add_argument("--min-options", type=int, default=2)
+    parser.add_argument("--max-options", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        splits = [ReadingSplit.parse(s) for s in args.split] if args.split else ReadingConfig().splits
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    cfg = ReadingConfig(splits=splits, min_options=args.min_options, max_options=args.max_options, seed=args.seed)
+
+    def run() -> None:
+        try:
+            words = option_words(args.words_from)
+            counts = build(args.out, words, cfg)
+        except (ManifestError, ValueError) as err:
+            raise ConversionError(str(err)) from err
+        print(f"wrote {args.out}: " + ", ".join(f"{name} {n}" for name, n in counts.items())
+              + f" questions over {len(words)} words")
+
+    return run_cli(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
