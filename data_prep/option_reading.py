@@ -1,12 +1,14 @@
 """Option-reading questions for the tiny backbones' pretraining stage ("Which option says "hiss"?").
 
     python -m data_prep.option_reading --out data/demo_reading --words-from data/demo
-                                       [--split NAME=N@SECONDS ...] [--min-options 2] [--max-options 5] [--seed 0]
+                                       [--split NAME=N@SECONDS[,SECONDS...] ...] [--min-options 2] [--max-options 5] [--seed 0]
 
 Writes ``OUT/<split>.jsonl`` (one record per question, options in random order, the answer named in the
-question), ``OUT/audio/`` (one silent clip per split length) and ``OUT/dataset.json``. The words are those of
-the option texts of ``--words-from``'s train split. Default splits: train=8000@0.1 and dev=256@0.1. The same
-arguments give the same bytes. See aqa/data/option_reading.py for why the stage exists.
+question), ``OUT/audio/`` (one silent clip per length) and ``OUT/dataset.json``. The words are those of the
+option texts of ``--words-from``'s train split. Default splits, for the demo's two stages:
+train_short=8000@0.1 and dev_short=256@0.1 (a 0.1 s clip), train=4000@2.5 and dev=256@2.5 (2.5 s, as long as the
+demo's soundscapes). The same arguments give the
+same bytes. See aqa/data/option_reading.py for why the stage exists.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from aqa.data.option_reading import ReadingConfig, ReadingSplit, build, option_w
 def main(argv: list[str] | None = None) -> int:
     parser = converter_parser("python -m data_prep.option_reading", __doc__)
     parser.add_argument("--words-from", required=True, help="manifest directory whose train options give the words")
-    parser.add_argument("--split", action="append", default=None, metavar="NAME=N@SECONDS",
-                        help="a split of N questions on a silent clip of SECONDS (repeatable)")
+    parser.add_argument("--split", action="append", default=None, metavar="NAME=N@SECONDS[,SECONDS...]",
+                        help="a split of N questions on silent clips of these lengths, in turn (repeatable)")
     parser.add_argument("--min-options", type=int, default=2)
     parser.add_argument("--max-options", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)

@@ -4,7 +4,8 @@
 ``{"name", "backbone", "stage", "adapter", "predictions": {"dev", "eval"}, "metrics": {"dev", "eval"},
 "chance": {"dev", "eval"}, "silent_audio": {"eval"}, "orders": {"eval"}}`` (accuracies with a 95 % ``interval``;
 ``orders``: mean and strict accuracy over K option orders; ``silent_audio`` likewise), plus ``"ensemble"``,
-``"text_only_floor"`` (``eval``, ``eval_orders``), ``"grpo_vs_sft"`` (each GRPO member beside its SFT start: both
+``"text_only_floor"`` (``eval``, ``eval_orders``), ``"option_reading"`` (per backbone, the dev accuracy of its
+option-reading stage by step), ``"grpo_vs_sft"`` (each GRPO member beside its SFT start: both
 means over orders and the paired difference with its interval) and ``"wall_s"`` once those stages have run.
 """
 
@@ -147,6 +148,19 @@ def render_markdown(report: dict[str, Any]) -> str:
     if grpo:
         out += ["## GRPO against its SFT start", "", grpo, "",
                 *[grpo_verdict(r) for r in report.get("grpo_vs_sft", [])], ""]
+    reading = report.get("option_reading") or []
+    if reading:
+        out += ["## Option-reading stage", "",
+                "Each tiny backbone's first stage: questions that name their answer (\"Which option says ...?\"), "
+                "options in random order. Dev accuracy over the run (one order per question) beside chance.", "",
+                "| backbone | stage | dev accuracy by step | last [95 %] | chance |", "|---|---|---|---|---|"]
+        clip = {"reading": "beside a 0.1 s clip", "reading_long": "then beside a 2.5 s clip"}
+        for r in reading:
+            curve = ", ".join(f"{step}: {_fmt(acc)}" for step, acc in r["curve"])
+            last = {"weighted_mean": r["dev_accuracy"], "n": r["n"]}
+            out.append(f"| {r['backbone']} | {clip.get(r.get('stage'), r.get('stage', ''))} | {curve} | "
+                       f"{_interval(last)} | {_fmt(r['chance'])} |")
+        out.append("")
     if rows:
         out += ["## Dev accuracy (%)", "", accuracy_table(rows), ""]
     else:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aqa.data.manifest import read_jsonl
 from aqa.data.summary import summarize
 from aqa.eval.metrics import (
     accuracy_by_part,
@@ -39,7 +40,8 @@ from demo.report import load_report, save_report, upsert_member
 DEMO_CONFIGS = Path("configs/demo")
 # --smoke: the same stages and commands at a size that checks the chain, not what it learns
 SMOKE_SIZES = ["--train", "48", "--dev", "24", "--eval", "24"]
-SMOKE_READING = ["--split", "train=64@0.1", "--split", "dev=16@0.1"]
+SMOKE_READING = ["--split", "train_short=64@0.1", "--split", "dev_short=16@0.1", "--split", "train=64@2.5",
+                 "--split", "dev=16@2.5"]
 READING_DATA = "data/demo_reading"
 # the tiny backbones' settings where the demo departs from the 7B value (python -m aqa.tiny NAME key=value):
 # RoPE theta 1e6, as the text LLM and Qwen2.5-Omni have; with the 7B's 1e4 the tiny Qwen2-Audio learned to read
@@ -107,13 +109,18 @@ def build_members(py: str, ds: list[str]) -> list[Member]:
     """The demo's members, each a chain of the users' commands with the demo configs."""
     cfg = DEMO_CONFIGS
 
-    def reading(prefix: str) -> tuple[str, list[str]]:
-        """The backbone's option-reading stage: full SFT on READING_DATA, writing the model/ its SFT starts from."""
-        return f"{prefix} option reading", [*ds, "train/sft.py", "--config", str(cfg / f"{prefix}_reading.yaml")]
+    def reading(prefix: str) -> list[tuple[str, list[str]]]:
+        """The backbone's option-reading stages: full SFT on READING_DATA beside a 0.1 s clip, then (an audio
+        backbone) beside a 2.5 s one; the last writes the model/ its SFT starts from."""
+        stages = [(f"{prefix} option reading", [*ds, "train/sft.py", "--config", str(cfg / f"{prefix}_reading.yaml")])]
+        if (cfg / f"{prefix}_reading_long.yaml").is_file():
+            stages.append((f"{prefix} option reading, long clip",
+                           [*ds, "train/sft.py", "--config", str(cfg / f"{prefix}_reading_long.yaml")]))
+        return stages
 
     qwen = Member(
         "qwen2_audio_sft", "qwen2_audio", "sft", "runs/demo/qwen2_audio_sft", str(cfg / "qwen2_audio_infer.yaml"),
-        train=[reading("qwen2_audio"),
+        train=[*reading("qwen2_audio"),
                ("qwen2_audio SFT", [*ds, "train/sft.py", "--config", str(cfg / "qwen2_audio_sft.yaml")])],
     )
     qwen_grpo = Member(
@@ -126,14 +133,14 @@ def build_members(py: str, ds: list[str]) -> list[Member]:
     if (cfg / "kimi_audio_sft.yaml").is_file():
         members.append(Member(
             "kimi_audio_sft", "kimi_audio", "sft", "runs/demo/kimi_audio_sft", str(cfg / "kimi_audio_infer.yaml"),
-            train=[reading("kimi_audio"),
+            train=[*reading("kimi_audio"),
                    ("kimi_audio SFT", [*ds, "train/sft.py", "--config", str(cfg / "kimi_audio_sft.yaml")])],
         ))
     if (cfg / "qwen2_5_omni_sft.yaml").is_file():
         members.append(Member(
             "qwen2_5_omni_sft", "qwen2_5_omni", "sft", "runs/demo/qwen2_5_omni_sft",
             str(cfg / "qwen2_5_omni_infer.yaml"),
-            train=[reading("qwen2_5_omni"),
+            train=[*reading("qwen2_5_omni"),
                    ("qwen2_5_omni SFT", [*ds, "train/sft.py", "--config", str(cfg / "qwen2_5_omni_sft.yaml")])],
         ))
     if (cfg / "cascade_sft.yaml").is_file():
@@ -147,7 +154,7 @@ def build_members(py: str, ds: list[str]) -> list[Member]:
                                            "--sed", sed, "--calibration", "runs/demo/cascade/calibration.json",
                                            "--out", events, "--config", str(cfg / "cascade_events.yaml")])
               for split in ("train", "dev", "eval")],
-            reading("cascade"),
+            *reading("cascade"),
             ("cascade SFT", [*ds, "train/sft.py", "--config", str(cfg / "cascade_sft.yaml")]),
             ("cascade GRPO", [*ds, "train/grpo.py", "--config", str(cfg / "cascade_grpo.yaml")]),
         ]
@@ -238,6 +245,26 @@ def order_scores(path: Path) -> dict | None:
     for key, column in (("mean_over_orders", "order_mean"), ("strict", "order_strict")):
         acc = accuracy_by_part(rows, column)
         out[key] = {**acc, "interval": list(wilson_interval(acc["weighted_mean"], acc["n"]))}
+    return out
+
+
+def reading_entries(members: list[Member]) -> list[dict]:
+    """Per backbone, what its option-reading stage reached: the last dev accuracy its run logged (questions naming
+    their answer, one option order each) beside that split's chance level."""
+    dev = Path(READING_DATA) / "dev.jsonl"  # dev_short asks the same kind of questions: the same chance
+    chance = chance_level(read_jsonl(dev)) if dev.is_file() else None
+    out = []
+    for backbone, stage in ((b, s) for b in sorted({m.backbone for m in members}) for s in ("reading", "reading_long")):
+        metrics = Path(f"runs/demo/{backbone}_{stage}/metrics.jsonl")
+        if not metrics.is_file():
+            continue
+        # a rerun appends to the same file: the last evaluation logged at each step
+        evals = sorted({r["step"]: r for r in read_jsonl(metrics) if r.get("kind") == "eval"}.values(),
+                       key=lambda r: r["step"])
+        if evals:
+            out.append({"backbone": backbone, "stage": stage, "step": evals[-1]["step"],
+                        "dev_accuracy": evals[-1]["accuracy"], "n": evals[-1]["n"], "chance": chance,
+                        "curve": [[r["step"], r["accuracy"]] for r in evals]})
     return out
 
 
@@ -357,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
 
             report["ensemble"] = report_entry(out / "ensemble", relative_to=out)
         report["grpo_vs_sft"] = grpo_against_sft(members)
+        report["option_reading"] = reading_entries(members)
         section = next((m.report_section(py, stage) for m in members if m.report_section), None)
         report["sections"] = [section] if section else []
         if section:

@@ -14,9 +14,11 @@ tiny backbones that skill, the way pretraining gives it to the real ones; the au
 from a model that can bind option text to letters.
 
 The words are those the options of a manifest are made of (``--words-from``), so the tiny tokenizer
-knows them. Every split has one clip length: each of its records points at one silent clip of that
-length (the question needs no audio; the clip is there because every record of the manifest contract
-has one, and because a model that learned to read with a short clip must still read with a long one).
+knows them. The question needs no audio, but every record of the manifest contract has a clip, and the clip
+matters to a tiny model: beside a 2.5 s clip (about 60 audio positions) the tiny Qwen2-Audio did not learn to
+read in 400 steps, beside a 0.1 s one it did, and a model that learned beside the short clip lost the skill
+beside a long one until it trained a little more there. Hence two stages and a split per clip length: a
+split's questions take turns on the silent clips of the lengths it names.
 """
 
 from __future__ import annotations
@@ -39,28 +41,30 @@ AUDIO_DIR = "audio"
 
 @dataclass
 class ReadingSplit:
-    """One split: how many questions, and the length of the silent clip they all point at."""
+    """One split: how many questions, and the lengths of the silent clips they point at (in turn)."""
 
     name: str
     questions: int
-    clip_seconds: float
+    clip_seconds: tuple[float, ...]
 
     @classmethod
     def parse(cls, spec: str) -> ReadingSplit:
-        """``NAME=N@SECONDS``, e.g. ``train=8000@0.1``."""
-        m = re.fullmatch(r"([A-Za-z0-9_.-]+)=(\d+)@([0-9.]+)", spec.strip())
+        """``NAME=N@SECONDS[,SECONDS...]``, e.g. ``train=8000@0.1,2.5`` (every other question on each length)."""
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)=(\d+)@([0-9.]+(?:,[0-9.]+)*)", spec.strip())
         if not m:
-            raise ValueError(f"split '{spec}' is not NAME=N@SECONDS (for example train=8000@0.1).")
-        split = cls(m.group(1), int(m.group(2)), float(m.group(3)))
-        if split.questions < 1 or not 0.05 <= split.clip_seconds <= 30:
-            raise ValueError(f"split '{spec}': N must be >= 1 and SECONDS between 0.05 and 30.")
+            raise ValueError(f"split '{spec}' is not NAME=N@SECONDS[,SECONDS...] (for example train=8000@0.1,2.5).")
+        split = cls(m.group(1), int(m.group(2)), tuple(float(x) for x in m.group(3).split(",")))
+        if split.questions < 1 or not all(0.05 <= x <= 30 for x in split.clip_seconds):
+            raise ValueError(f"split '{spec}': N must be >= 1 and every SECONDS between 0.05 and 30.")
         return split
 
 
 @dataclass
 class ReadingConfig:
-    splits: list[ReadingSplit] = field(default_factory=lambda: [ReadingSplit("train", 8000, 0.1),
-                                                                 ReadingSplit("dev", 256, 0.1)])
+    # the demo's two stages: reading beside a 0.1 s clip (*_short), then beside a 2.5 s one, its soundscapes' length
+    splits: list[ReadingSplit] = field(default_factory=lambda: [
+        ReadingSplit("train_short", 8000, (0.1,)), ReadingSplit("dev_short", 256, (0.1,)),
+        ReadingSplit("train", 4000, (2.5,)), ReadingSplit("dev", 256, (2.5,))])
     min_options: int = 2
     max_options: int = 5
     seed: int = 0
@@ -99,17 +103,21 @@ def build(out_dir: str | Path, words: list[str], cfg: ReadingConfig) -> dict[str
     (out / AUDIO_DIR).mkdir(parents=True, exist_ok=True)
     counts = {}
     for k, split in enumerate(cfg.splits):
-        clip = f"silence_{round(split.clip_seconds * 1000)}ms.wav"
-        if not (out / AUDIO_DIR / clip).is_file():
-            sf.write(out / AUDIO_DIR / clip, np.zeros(round(split.clip_seconds * SAMPLE_RATE), dtype=np.float32),
-                     SAMPLE_RATE, subtype="PCM_16")
+        clips = []
+        for seconds in split.clip_seconds:
+            clip = f"silence_{round(seconds * 1000)}ms.wav"
+            if not (out / AUDIO_DIR / clip).is_file():
+                sf.write(out / AUDIO_DIR / clip, np.zeros(round(seconds * SAMPLE_RATE), dtype=np.float32),
+                         SAMPLE_RATE, subtype="PCM_16")
+            clips.append((clip, seconds))
         rng = random.Random(f"{cfg.seed}/{k}/{split.name}")
         rows = []
         for i in range(split.questions):
             question, choices, answer = make_question(rng, words, cfg)
+            clip, seconds = clips[i % len(clips)]
             rows.append(Record(id=f"{PART}_{split.name}_{i:05d}", part=PART, split=split.name, audio=clip,
                                question=question, choices=choices, answer=answer,
-                               meta={"question_type": "option_reading", "duration_s": split.clip_seconds,
+                               meta={"question_type": "option_reading", "duration_s": seconds,
                                      "chance": round(1 / len(choices), 6)}))
         counts[split.name] = write_jsonl(out / f"{split.name}.jsonl", rows)
     write_jsonl(out / "quarantine.jsonl", [])

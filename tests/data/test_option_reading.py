@@ -27,7 +27,7 @@ def test_words_are_those_of_the_option_texts(tmp_path):
 
 def test_manifest_answers_named_in_question_orders_random(tmp_path):
     out = tmp_path / "reading"
-    argv = ["--out", str(out), "--words-from", str(_source(tmp_path)), "--split", "train=400@0.1",
+    argv = ["--out", str(out), "--words-from", str(_source(tmp_path)), "--split", "train=400@0.1,2.5",
             "--split", "dev_audio=40@2.5", "--no-progress"]
     assert reading_main(argv) == 0
     train, dev = load_manifest(out / "train.jsonl"), load_manifest(out / "dev_audio.jsonl")
@@ -42,9 +42,13 @@ def test_manifest_answers_named_in_question_orders_random(tmp_path):
         sizes[len(rec.choices)] += 1
     assert set(sizes) == {2, 3, 4, 5}
     assert min(positions[i] for i in range(2)) > 80  # the answer's position is spread, not fixed
-    for manifest, seconds in ((train, 0.1), (dev, 2.5)):
-        wave, sr = sf.read(manifest.audio_path(manifest.records[0]))
+    # the train questions take turns on the two clip lengths; dev_audio has one
+    for rec, seconds in [*((r, 0.1 if i % 2 == 0 else 2.5) for i, r in enumerate(train.records[:4])),
+                         (dev.records[0], 2.5)]:
+        manifest = train if rec.split == "train" else dev
+        wave, sr = sf.read(manifest.audio_path(rec))
         assert sr == 16_000 and len(wave) == round(seconds * sr) and not wave.any()
+        assert rec.meta["duration_s"] == seconds
     # the same arguments give the same bytes
     again = tmp_path / "again"
     assert reading_main([*argv[:1], str(again), *argv[2:]]) == 0
@@ -55,8 +59,9 @@ def test_manifest_answers_named_in_question_orders_random(tmp_path):
 def test_bad_split_and_too_few_words_are_clear_errors(tmp_path, capsys):
     src = _source(tmp_path)
     assert reading_main(["--out", str(tmp_path / "x"), "--words-from", str(src), "--split", "train=many"]) == 2
-    assert "NAME=N@SECONDS" in capsys.readouterr().err
+    assert "NAME=N@SECONDS[,SECONDS...]" in capsys.readouterr().err
     assert reading_main(["--out", str(tmp_path / "y"), "--words-from", str(src), "--max-options", "12"]) == 2
     assert "--words-from" in capsys.readouterr().err
-    assert ReadingSplit.parse("train=8@0.5") == ReadingSplit("train", 8, 0.5)
-    assert [s.name for s in ReadingConfig().splits] == ["train", "dev"]
+    assert ReadingSplit.parse("train=8@0.5") == ReadingSplit("train", 8, (0.5,))
+    assert ReadingSplit.parse("train=8@0.1,2.5").clip_seconds == (0.1, 2.5)
+    assert [s.name for s in ReadingConfig().splits] == ["train_short", "dev_short", "train", "dev"]

@@ -116,9 +116,17 @@ def test_demo_report_shows_eval_intervals_and_the_audio_floors(demo_dir):
 @pytest.mark.slow
 def test_each_backbone_starts_from_its_option_reading_model(demo_dir):
     """The option-reading stage wrote a plain HF directory per backbone, and the SFT runs loaded it as their base."""
-    for prefix in ("qwen2_audio", "kimi_audio", "qwen2_5_omni", "text_llm"):
-        assert (demo_dir / f"runs/demo/{prefix}_reading/model/config.json").is_file(), prefix
+    for run in ("qwen2_audio_reading_long", "kimi_audio_reading", "qwen2_5_omni_reading_long", "text_llm_reading"):
+        assert (demo_dir / f"runs/demo/{run}/model/config.json").is_file(), run
     assert len((demo_dir / "data/demo_reading/train.jsonl").read_text().splitlines()) == 64  # the smoke size
+    report = json.loads((demo_dir / "runs/demo/report.json").read_text(encoding="utf-8"))
+    assert [(r["backbone"], r["stage"]) for r in report["option_reading"]] == [
+        ("kimi_audio", "reading"), *((b, s) for b in ("qwen2_5_omni", "qwen2_audio") for s in ("reading", "reading_long")),
+        ("text_llm", "reading")]
+    assert all(r["n"] == 16 and 0 < r["chance"] < 1 for r in report["option_reading"])  # the smoke's 16 dev questions
+    assert "## Option-reading stage" in (demo_dir / "runs/demo/report.md").read_text(encoding="utf-8")
     for run in ("qwen2_audio_sft", "kimi_audio_sft", "qwen2_5_omni_sft", "cascade_sft"):
         cfg = yaml.safe_load((demo_dir / f"runs/demo/{run}/config.yaml").read_text(encoding="utf-8"))
-        assert cfg["model_path"].endswith("_reading/model") and cfg["augment"]["shuffle_options"]["p"] == 1.0
+        reading = {"cascade_sft": "text_llm_reading", "kimi_audio_sft": "kimi_audio_reading"}.get(
+            run, run.replace("_sft", "_reading_long"))
+        assert cfg["model_path"] == f"runs/demo/{reading}/model" and cfg["augment"]["shuffle_options"]["p"] == 1.0
