@@ -158,7 +158,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         for r in reading:
             curve = ", ".join(f"{step}: {_fmt(acc)}" for step, acc in r["curve"])
             last = {"weighted_mean": r["dev_accuracy"], "n": r["n"]}
-            out.append(f"| {r['backbone']} | {clip.get(r.get('stage'), r.get('stage', ''))} | {curve} | "
+            stage = "text only" if r["backbone"] == "text_llm" else clip.get(r.get("stage"), r.get("stage", ""))
+            out.append(f"| {r['backbone']} | {stage} | {curve} | "
                        f"{_interval(last)} | {_fmt(r['chance'])} |")
         out.append("")
     if rows:
