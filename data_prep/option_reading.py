@@ -1,13 +1,15 @@
 """Option-reading questions for the tiny backbones' pretraining stage ("Which option says "hiss"?").
 
     python -m data_prep.option_reading --out data/demo_reading --words-from data/demo
-                                       [--split NAME=N@SECONDS[,SECONDS...] ...] [--min-options 2] [--max-options 5] [--seed 0]
+                                       [--split NAME=N@SECONDS[,SECONDS...] ...] [--event-labels TSV]
+                                       [--min-options 2] [--max-options 5] [--seed 0]
 
 Writes ``OUT/<split>.jsonl`` (one record per question, options in random order, the answer named in the
 question), ``OUT/audio/`` (one silent clip per length) and ``OUT/dataset.json``. The words are those of the
 option texts of ``--words-from``'s train split. Default splits, for the demo's two stages:
 train_short=8000@0.1 and dev_short=256@0.1 (a 0.1 s clip), train=4000@2.5 and dev=256@2.5 (2.5 s, as long as the
-demo's soundscapes). The same arguments give the
+demo's soundscapes). With ``--event-labels``, every question also
+carries 0-4 made-up detected events (``meta.events``) for the cascade's text LLM. The same arguments give the
 same bytes. See aqa/data/option_reading.py for why the stage exists.
 """
 
@@ -17,7 +19,7 @@ import sys
 
 from aqa.data.convert import ConversionError, converter_parser, run_cli
 from aqa.data.manifest import ManifestError
-from aqa.data.option_reading import ReadingConfig, ReadingSplit, build, option_words
+from aqa.data.option_reading import ReadingConfig, ReadingSplit, build, event_label_names, option_words
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-options", type=int, default=2)
     parser.add_argument("--max-options", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--event-labels", default=None, metavar="TSV",
+                        help="an AudioSet-style label map (mid<TAB>name): give each question 0-4 made-up detected "
+                             "events from these labels (meta.events), for a text LLM that reads events")
     args = parser.parse_args(argv)
     try:
         splits = [ReadingSplit.parse(s) for s in args.split] if args.split else ReadingConfig().splits
@@ -38,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         try:
+            if args.event_labels:
+                cfg.event_labels = event_label_names(args.event_labels)
             words = option_words(args.words_from)
             counts = build(args.out, words, cfg)
         except (ManifestError, ValueError) as err:

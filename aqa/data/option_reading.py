@@ -68,6 +68,9 @@ class ReadingConfig:
     min_options: int = 2
     max_options: int = 5
     seed: int = 0
+    # sound-event labels: each question also gets 0-4 made-up detected events (meta.events, as data_prep.sed_events
+    # writes them), so a text LLM that reads events learns to read the options beside an events block
+    event_labels: list[str] = field(default_factory=list)
 
 
 def option_words(manifest_dir: str | Path, split: str = "train") -> list[str]:
@@ -84,6 +87,32 @@ def make_question(rng: random.Random, words: list[str], cfg: ReadingConfig) -> t
     choices = rng.sample(words, n)
     answer = choices[rng.randrange(n)]
     return QUESTION.format(word=answer), choices, answer
+
+
+def event_label_names(label_map: str | Path) -> list[str]:
+    """Display names of an AudioSet-style label map (``mid<TAB>display name`` per line)."""
+    names = []
+    for lineno, line in enumerate(Path(label_map).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            parts = line.split("\t")
+            if len(parts) != 2 or not parts[1].strip():
+                raise ManifestError(f"{label_map}:{lineno}: expected 'mid<TAB>display name', got {line!r}.")
+            names.append(parts[1].strip())
+    if not names:
+        raise ManifestError(f"{label_map} holds no labels.")
+    return names
+
+
+def make_events(rng: random.Random, labels: list[str], seconds: float) -> list[dict]:
+    """0-4 made-up detected events within a clip of ``seconds`` (at least 1 s), by onset."""
+    span = max(seconds, 1.0)
+    events = []
+    for _ in range(rng.randint(0, 4)):
+        onset = round(rng.uniform(0, span * 0.8), 2)
+        events.append({"label": rng.choice(labels), "onset": onset,
+                       "offset": round(min(span, onset + rng.uniform(0.2, 1.5)), 2),
+                       "score": round(rng.uniform(0.3, 1.0), 2)})
+    return sorted(events, key=lambda e: e["onset"])
 
 
 def build(out_dir: str | Path, words: list[str], cfg: ReadingConfig) -> dict[str, int]:
@@ -115,10 +144,11 @@ def build(out_dir: str | Path, words: list[str], cfg: ReadingConfig) -> dict[str
         for i in range(split.questions):
             question, choices, answer = make_question(rng, words, cfg)
             clip, seconds = clips[i % len(clips)]
+            meta = {"question_type": "option_reading", "duration_s": seconds, "chance": round(1 / len(choices), 6)}
+            if cfg.event_labels:
+                meta["events"] = make_events(rng, cfg.event_labels, seconds)
             rows.append(Record(id=f"{PART}_{split.name}_{i:05d}", part=PART, split=split.name, audio=clip,
-                               question=question, choices=choices, answer=answer,
-                               meta={"question_type": "option_reading", "duration_s": seconds,
-                                     "chance": round(1 / len(choices), 6)}))
+                               question=question, choices=choices, answer=answer, meta=meta))
         counts[split.name] = write_jsonl(out / f"{split.name}.jsonl", rows)
     write_jsonl(out / "quarantine.jsonl", [])
     write_dataset_info(out, out / AUDIO_DIR, splits={name: {"count": n, "source": "option_reading"}

@@ -247,6 +247,6 @@ def test_cascade_configs_load_with_the_paper_lora_and_demo_paths():
             assert open(path).readline().startswith(("# deepspeed", "# python inference/run.py"))
     demo = load_sft_config("configs/demo/cascade_sft.yaml")
     assert (demo.model_path, demo.data_dir, demo.output_dir) == (
-        "runs/demo/models/text_llm", "runs/demo/cascade/events", "runs/demo/cascade_sft")
+        "runs/demo/text_llm_reading/model", "runs/demo/cascade/events", "runs/demo/cascade_sft")
     assert load_config(InferConfig, "configs/demo/cascade_infer.yaml").output_dir == "runs/demo/cascade_sft/infer"
     assert load_sft_config("configs/demo/cascade_sft.yaml", ["prompt.events=false"]).prompt.events is False

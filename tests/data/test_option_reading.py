@@ -65,3 +65,23 @@ def test_bad_split_and_too_few_words_are_clear_errors(tmp_path, capsys):
     assert ReadingSplit.parse("train=8@0.5") == ReadingSplit("train", 8, (0.5,))
     assert ReadingSplit.parse("train=8@0.1,2.5").clip_seconds == (0.1, 2.5)
     assert [s.name for s in ReadingConfig().splits] == ["train_short", "dev_short", "train", "dev"]
+
+
+def test_event_labels_give_each_question_made_up_detected_events(tmp_path):
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("/m/a\tbeep\n/m/b\tengine hum\n")
+    out = tmp_path / "reading"
+    assert reading_main(["--out", str(out), "--words-from", str(_source(tmp_path)), "--split", "train=200@2.5",
+                         "--event-labels", str(labels), "--no-progress"]) == 0
+    counts = Counter()
+    for rec in load_manifest(out / "train.jsonl").records:
+        events = rec.meta["events"]
+        counts[len(events)] += 1
+        assert [e["onset"] for e in events] == sorted(e["onset"] for e in events)
+        for e in events:  # the fields data_prep.sed_events writes, within the clip
+            assert e["label"] in {"beep", "engine hum"} and 0 <= e["onset"] < e["offset"] <= 2.5
+            assert 0.3 <= e["score"] <= 1.0
+    assert set(counts) == {0, 1, 2, 3, 4}
+    labels.write_text("no tab here\n")
+    assert reading_main(["--out", str(tmp_path / "bad"), "--words-from", str(_source(tmp_path)),
+                         "--event-labels", str(labels)]) == 2
