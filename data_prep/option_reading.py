@@ -39,12 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    cfg = ReadingConfig(splits=splits, min_options=args.min_options, max_options=args.max_options, seed=args.seed)
 
     def run() -> None:
         try:
-            if args.event_labels:
-                cfg.event_labels = event_label_names(args.event_labels)
+            cfg = ReadingConfig(splits=splits, min_options=args.min_options, max_options=args.max_options,
+                                seed=args.seed,
+                                event_labels=event_label_names(args.event_labels) if args.event_labels else [])
             words = option_words(args.words_from)
             counts = build(args.out, words, cfg)
         except (ManifestError, ValueError) as err:

@@ -63,15 +63,16 @@ def floors_table(report: dict[str, Any]) -> str:
     and of the order-averaged prediction, beside the member's own silent-audio accuracy and the text-only floor:
     how far above the floor the member's mean lies and whether its 95 % interval clears it. Dev for reference."""
     floor = report.get("text_only_floor") or {}
-    floor_orders = (floor.get("eval_orders") or {}).get("mean_over_orders")
-    floor_mean = _mean(floor_orders) if floor_orders else _mean(floor.get("eval"))
+    floor_acc = (floor.get("eval_orders") or {}).get("mean_over_orders") or floor.get("eval")
+    floor_mean = _mean(floor_acc)
     head = ["system", "mean over orders [95 %]", "strict", "order-averaged [95 %]", "silent audio (mean)",
             "above the text-only floor", "interval clears it", "dev (order-averaged)", "chance", "n"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    rows = [(f"{m['name']} ({m['backbone']}, {m['stage']})", (m.get("orders") or {}).get("eval"),
-             m.get("metrics", {}).get("eval"), m.get("silent_audio") or {}, m.get("metrics", {}).get("dev"),
-             (m.get("chance") or {}).get("eval")) for m in report.get("members", [])]
-    for name, orders, ev, silent, dev, chance in rows:
+    for m in report.get("members", []):
+        orders = (m.get("orders") or {}).get("eval")
+        ev, dev = m.get("metrics", {}).get("eval"), m.get("metrics", {}).get("dev")
+        silent, chance = m.get("silent_audio") or {}, (m.get("chance") or {}).get("eval")
+        name = f"{m['name']} ({m['backbone']}, {m['stage']})"
         mean = (orders or {}).get("mean_over_orders") or ev
         silent_m = (silent.get("eval_orders") or {}).get("mean_over_orders") or silent.get("eval")
         above = clears = "–"
@@ -81,10 +82,11 @@ def floors_table(report: dict[str, Any]) -> str:
         lines.append("| " + " | ".join([
             name, _interval(mean), _fmt(_mean((orders or {}).get("strict"))), _interval(ev), _fmt(_mean(silent_m)),
             above, clears, _fmt(_mean(dev)), _fmt(chance), str(ev["n"]) if ev else "–"]) + " |")
-    if floor_orders or floor.get("eval"):
+    if floor_acc:
         lines.append("| " + " | ".join([
-            "text-only floor", _interval(floor_orders or floor.get("eval")),
-            _fmt(_mean((floor.get("eval_orders") or {}).get("strict"))), _interval(floor.get("eval")), "–", "–", "–",
+            "text-only floor", _interval(floor_acc),
+            _fmt(_mean((floor.get("eval_orders") or {}).get("strict"))), _interval(floor.get("eval")),
+            "–", "–", "–",
             "–", "–", str((floor.get("eval") or {}).get("n", "–"))]) + " |")
     ens = (report.get("ensemble") or {}).get("metrics") or {}
     if ens.get("eval"):
@@ -113,13 +115,13 @@ def grpo_table(report: dict[str, Any]) -> str:
 def grpo_verdict(row: dict[str, Any]) -> str:
     """One sentence: did GRPO help its SFT start, by how much, or can the eval split not tell."""
     lo, hi = row["interval"]
-    d = 100 * row["difference"]
+    d, grpo, sft = 100 * row["difference"], row["grpo"], row["sft"]
+    span = f"95 % interval {100 * lo:+.1f} to {100 * hi:+.1f}"
     if lo > 0:
-        return f"{row['grpo']}: GRPO helped, {d:+.1f} points over {row['sft']} (95 % interval {100 * lo:+.1f} to {100 * hi:+.1f})."
+        return f"{grpo}: GRPO helped, {d:+.1f} points over {sft} ({span})."
     if hi < 0:
-        return f"{row['grpo']}: GRPO hurt, {d:+.1f} points against {row['sft']} (95 % interval {100 * lo:+.1f} to {100 * hi:+.1f})."
-    return (f"{row['grpo']}: no difference the eval split can show ({d:+.1f} points against {row['sft']}, 95 % "
-            f"interval {100 * lo:+.1f} to {100 * hi:+.1f}).")
+        return f"{grpo}: GRPO hurt, {d:+.1f} points against {sft} ({span})."
+    return f"{grpo}: no difference the eval split can show ({d:+.1f} points against {sft}, {span})."
 
 
 def render_markdown(report: dict[str, Any]) -> str:

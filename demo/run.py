@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from aqa.data.manifest import read_jsonl
 from aqa.data.summary import summarize
 from aqa.eval.metrics import (
@@ -227,19 +229,28 @@ def scored(path: Path) -> dict | None:
     return {**acc, "interval": list(wilson_interval(acc["weighted_mean"], acc["n"])), "chance": chance_level(rows)}
 
 
-def order_scores(path: Path) -> dict | None:
+def order_rows(path: Path) -> list[dict]:
+    """The answered rows of a predictions file scored in several option orders, each with ``order_mean`` (the
+    fraction of its orders right) and ``order_strict`` (right in all); [] when the file is missing or was scored
+    in one order."""
+    if not path.is_file():
+        return []
+    rows = [r for r in read_predictions(path) if r.get("answer") is not None and len(r.get("order_preds", [])) > 1]
+    for r in rows:
+        r["order_mean"], r["order_strict"] = row_order_accuracy(r)
+    return rows
+
+
+def order_scores(path: Path, rows: list[dict] | None = None) -> dict | None:
     """Mean and strict accuracy over the K option orders of a predictions file scored with ``permutations=K``
     (the eval split gets no metrics.json: its answers are scored here, as :func:`scored` does), plus the
     order-averaged prediction's accuracy; each weighted over parts with a 95 % Wilson interval over the n
     questions (for the mean a question counts by the fraction of its orders it got right, so that interval is an
-    approximation). None when the file is missing or was scored in one order."""
-    if not path.is_file():
-        return None
-    rows = [r for r in read_predictions(path) if r.get("answer") is not None and len(r.get("order_preds", [])) > 1]
+    approximation). ``rows``: the file's :func:`order_rows`, when the caller has read them. None when the file is
+    missing or was scored in one order."""
+    rows = order_rows(path) if rows is None else rows
     if not rows:
         return None
-    for r in rows:
-        r["order_mean"], r["order_strict"] = row_order_accuracy(r)
     out: dict = {"orders": max(len(r["order_preds"]) for r in rows),
                  "canonical_aggregate": accuracy_by_part(rows)["weighted_mean"]}
     for key, column in (("mean_over_orders", "order_mean"), ("strict", "order_strict")):
@@ -249,23 +260,26 @@ def order_scores(path: Path) -> dict | None:
 
 
 def reading_entries(members: list[Member]) -> list[dict]:
-    """Per backbone, what its option-reading stage reached: the last dev accuracy its run logged (questions naming
-    their answer, one option order each) beside that split's chance level."""
+    """Per backbone, what its option-reading stages reached (the run dirs their configs name): the last dev
+    accuracy each run logged (questions naming their answer, one option order each) beside that split's chance."""
     dev = Path(READING_DATA) / "dev.jsonl"  # dev_short asks the same kind of questions: the same chance
     chance = chance_level(read_jsonl(dev)) if dev.is_file() else None
+    backbones = {m.backbone for m in members}
     out = []
-    for backbone, stage in ((b, s) for b in sorted({m.backbone for m in members}) for s in ("reading", "reading_long")):
-        metrics = Path(f"runs/demo/{backbone}_{stage}/metrics.jsonl")
-        if not metrics.is_file():
+    for path in DEMO_CONFIGS.glob("*_reading*.yaml"):
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+        metrics = Path(cfg["output_dir"]) / "metrics.jsonl"
+        if cfg["backbone"] not in backbones or not metrics.is_file():
             continue
         # a rerun appends to the same file: the last evaluation logged at each step
         evals = sorted({r["step"]: r for r in read_jsonl(metrics) if r.get("kind") == "eval"}.values(),
                        key=lambda r: r["step"])
         if evals:
-            out.append({"backbone": backbone, "stage": stage, "step": evals[-1]["step"],
-                        "dev_accuracy": evals[-1]["accuracy"], "n": evals[-1]["n"], "chance": chance,
-                        "curve": [[r["step"], r["accuracy"]] for r in evals]})
-    return out
+            stage = "reading_long" if path.stem.endswith("_long") else "reading"
+            out.append({"backbone": cfg["backbone"], "stage": stage,
+                        "step": evals[-1]["step"], "dev_accuracy": evals[-1]["accuracy"], "n": evals[-1]["n"],
+                        "chance": chance, "curve": [[r["step"], r["accuracy"]] for r in evals]})
+    return sorted(out, key=lambda r: (r["backbone"], r["stage"]))
 
 
 def grpo_against_sft(members: list[Member]) -> list[dict]:
@@ -278,16 +292,15 @@ def grpo_against_sft(members: list[Member]) -> list[dict]:
         if sft is None:
             continue
         paths = [Path(m.run_dir) / "infer" / "eval" / "predictions.jsonl" for m in (sft, grpo)]
-        scores = [order_scores(p) for p in paths]
-        if None in scores:
+        rows = [order_rows(p) for p in paths]
+        if not all(rows):
             continue
-        rows = [{r["id"]: row_order_accuracy(r)[0] for r in read_predictions(p) if r.get("answer") is not None}
-                for p in paths]
-        ids = sorted(set(rows[0]) & set(rows[1]))
+        means = [{r["id"]: r["order_mean"] for r in file_rows} for file_rows in rows]
+        ids = sorted(set(means[0]) & set(means[1]))
         out.append({"grpo": grpo.name, "sft": sft.name,
-                    "sft_mean_over_orders": scores[0]["mean_over_orders"],
-                    "grpo_mean_over_orders": scores[1]["mean_over_orders"],
-                    **paired_difference([rows[0][i] for i in ids], [rows[1][i] for i in ids])})
+                    "sft_mean_over_orders": order_scores(paths[0], rows[0])["mean_over_orders"],
+                    "grpo_mean_over_orders": order_scores(paths[1], rows[1])["mean_over_orders"],
+                    **paired_difference([means[0][i] for i in ids], [means[1][i] for i in ids])})
     return out
 
 
