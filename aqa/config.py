@@ -104,6 +104,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
+        if isinstance(value, (dict, list)):  # "{text}" or "[x]" unquoted: YAML reads a mapping or a list
+            raise ConfigError(f"'{key}' must be a string, got {value!r}: YAML reads braces and brackets as a "
+                              f"mapping or a list. Quote the value: {key}: \"...\" in the file, or "
+                              f"'{key}=\"...\"' on the command line.")
         raise ConfigError(f"'{key}' must be a string, got {value!r}.")
     return value
 

@@ -46,3 +46,10 @@ def test_bad_types_fail():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(Cfg, None, ["max_steps"])
     assert load_config(Cfg, None, ["max_steps=null"]).max_steps is None
+
+
+def test_unquoted_braces_name_the_quoting():
+    # a user override such as prompt.target_format={text}: YAML reads {text} as a mapping
+    with pytest.raises(ConfigError, match="Quote the value"):
+        load_config(Cfg, None, ["model_path={text}"])
+    assert load_config(Cfg, None, ['model_path="{text}"']).model_path == "{text}"
