@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import threading
@@ -243,10 +244,16 @@ def main(argv: list[str] | None = None) -> None:
         sec[layout] = float(np.median([sum(r[k] for k in PHASES) for r in runs[layout]]))
         split = " ".join(f"{k}={med[k]:.3f}s ({med[k] / sec[layout]:.0%})" for k in PHASES)
         print(f"{layout:>6}: {sec[layout]:8.3f} s/step  {split}  sample_ms_per_token="
-              f"{1000 * med['sample'] / max(med['tokens'], 1):.2f}  peak memory +{peaks[layout] / 2**20:8.1f} MiB")
-    print(f"grpo_step G={args.generations}: naive/static peak memory={peaks['naive'] / max(peaks['static'], 1):.2f}x "
+              f"{1000 * med['sample'] / max(med['tokens'], 1):.2f}  " + memory_text(peaks[layout]))
+    ratio = "not measured" if args.no_memory else f"{peaks['naive'] / max(peaks['static'], 1):.2f}x"
+    print(f"grpo_step G={args.generations}: naive/static peak memory={ratio} "
           f"shared_speedup={sec['naive'] / sec['shared']:.2f} speedup={sec['naive'] / sec['static']:.2f}"
           + (f" merged_speedup={sec['naive'] / sec['merged']:.2f}" if "merged" in sec else ""))
+
+
+def memory_text(peak: float) -> str:
+    """A layout's peak memory growth, or that it was not measured (``--no-memory``: NaN)."""
+    return "peak memory not measured (--no-memory)" if math.isnan(peak) else f"peak memory +{peak / 2**20:8.1f} MiB"
 
 
 if __name__ == "__main__":
