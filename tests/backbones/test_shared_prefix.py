@@ -102,7 +102,8 @@ def test_sampled_mask_ends_at_eos_and_pads_after():
     model = _text_lm(dtype=torch.float32)
     with torch.no_grad():
         model.lm_head.weight[EOS] += 0.6 * model.lm_head.weight.abs().max()  # EOS likely, not certain
-    ids, mask = sp.sample(model, _text_prompt(), 5, SamplingConfig(1.0, 1.0, 6), RULES, torch.Generator().manual_seed(1))
+    ids, mask = sp.sample(model, _text_prompt(), 5, SamplingConfig(max_new_tokens=6), RULES,
+                       torch.Generator().manual_seed(1))
     assert ids.shape[:2] == (3, 5)
     for row, m in zip(ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, ids.shape[-1])):
         n = int(m.sum())
@@ -199,4 +200,4 @@ def test_policy_that_prefers_special_tokens_never_samples_them():
 
 def test_zero_temperature_is_refused():
     with pytest.raises(ValueError, match="temperature"):
-        sp.sample(_text_lm(dtype=torch.float32), _text_prompt(), 2, SamplingConfig(0.0, 1.0, 3), RULES)
+        sp.sample(_text_lm(dtype=torch.float32), _text_prompt(), 2, SamplingConfig(temperature=0.0, max_new_tokens=3), RULES)

@@ -63,7 +63,7 @@ def test_sampled_tokens_carry_the_loss_logprobs_and_end_at_eos():
     with torch.no_grad():
         model.lm_head.weight[EOS] += 0.6 * model.lm_head.weight.abs().max()  # EOS likely, not certain
     prompt = _prompt([7, 3, 5])
-    ids, mask, logp = StaticDecoder().sample(model, prompt, 5, SamplingConfig(0.7, 0.9, 6), RULES,
+    ids, mask, logp = StaticDecoder().sample(model, prompt, 5, SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=6), RULES,
                                              torch.Generator().manual_seed(1))
     for row, m in zip(ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, ids.shape[-1])):
         n = int(m.sum())
