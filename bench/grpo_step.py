@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         split = " ".join(f"{k}={med[k]:.3f}s ({med[k] / sec[layout]:.0%})" for k in PHASES)
         print(f"{layout:>6}: {sec[layout]:8.3f} s/step  {split}  sample_ms_per_token="
               f"{1000 * med['sample'] / max(med['tokens'], 1):.2f}  " + memory_text(peaks[layout]))
-    ratio = "not measured" if args.no_memory else f"{peaks['naive'] / max(peaks['static'], 1):.2f}x"
+    ratio = "not measured" if math.isnan(peaks["naive"]) else f"{peaks['naive'] / max(peaks['static'], 1):.2f}x"
     print(f"grpo_step G={args.generations}: naive/static peak memory={ratio} "
           f"shared_speedup={sec['naive'] / sec['shared']:.2f} speedup={sec['naive'] / sec['static']:.2f}"
           + (f" merged_speedup={sec['naive'] / sec['merged']:.2f}" if "merged" in sec else ""))

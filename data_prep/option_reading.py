@@ -19,7 +19,8 @@ import sys
 
 from aqa.data.convert import ConversionError, converter_parser, run_cli
 from aqa.data.manifest import ManifestError
-from aqa.data.option_reading import ReadingConfig, ReadingSplit, build, event_label_names, option_words
+from aqa.data.option_reading import ReadingConfig, ReadingSplit, build, option_words
+from aqa.data.temporal_qa import read_label_map
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = ReadingConfig(splits=splits, min_options=args.min_options, max_options=args.max_options,
                                 seed=args.seed,
-                                event_labels=event_label_names(args.event_labels) if args.event_labels else [])
+                                event_labels=list(read_label_map(args.event_labels).values()) if args.event_labels else [])
             words = option_words(args.words_from)
             counts = build(args.out, words, cfg)
         except (ManifestError, ValueError) as err:

@@ -89,20 +89,6 @@ def make_question(rng: random.Random, words: list[str], cfg: ReadingConfig) -> t
     return QUESTION.format(word=answer), choices, answer
 
 
-def event_label_names(label_map: str | Path) -> list[str]:
-    """Display names of an AudioSet-style label map (``mid<TAB>display name`` per line)."""
-    names = []
-    for lineno, line in enumerate(Path(label_map).read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            parts = line.split("\t")
-            if len(parts) != 2 or not parts[1].strip():
-                raise ManifestError(f"{label_map}:{lineno}: expected 'mid<TAB>display name', got {line!r}.")
-            names.append(parts[1].strip())
-    if not names:
-        raise ManifestError(f"{label_map} holds no labels.")
-    return names
-
-
 def make_events(rng: random.Random, labels: list[str], seconds: float) -> list[dict]:
     """0-4 made-up detected events within a clip of ``seconds`` (at least 1 s), by onset."""
     span = max(seconds, 1.0)
