@@ -112,13 +112,13 @@ def build_members(py: str, ds: list[str]) -> list[Member]:
     cfg = DEMO_CONFIGS
 
     def reading(prefix: str) -> list[tuple[str, list[str]]]:
-        """The backbone's option-reading stages: full SFT on READING_DATA beside a 0.1 s clip, then (an audio
-        backbone) beside a 2.5 s one; the last writes the model/ its SFT starts from."""
-        stages = [(f"{prefix} option reading", [*ds, "train/sft.py", "--config", str(cfg / f"{prefix}_reading.yaml")])]
-        if (cfg / f"{prefix}_reading_long.yaml").is_file():
-            stages.append((f"{prefix} option reading, long clip",
-                           [*ds, "train/sft.py", "--config", str(cfg / f"{prefix}_reading_long.yaml")]))
-        return stages
+        """The backbone's option-reading stages, those it has a config for: full SFT on READING_DATA beside a
+        0.1 s clip (``*_reading.yaml``), then beside a 2.5 s one (``*_reading_long.yaml``); the last writes the
+        model/ its SFT starts from. Kimi-Audio has none: its stage did not learn (README)."""
+        return [(title, [*ds, "train/sft.py", "--config", str(cfg / f"{prefix}_{stem}.yaml")])
+                for title, stem in ((f"{prefix} option reading", "reading"),
+                                    (f"{prefix} option reading, long clip", "reading_long"))
+                if (cfg / f"{prefix}_{stem}.yaml").is_file()]
 
     qwen = Member(
         "qwen2_audio_sft", "qwen2_audio", "sft", "runs/demo/qwen2_audio_sft", str(cfg / "qwen2_audio_infer.yaml"),
@@ -128,7 +128,8 @@ def build_members(py: str, ds: list[str]) -> list[Member]:
     qwen_grpo = Member(
         "qwen2_audio_grpo", "qwen2_audio", "grpo", "runs/demo/qwen2_audio_grpo", str(cfg / "qwen2_audio_infer.yaml"),
         train=[("qwen2_audio GRPO", [*ds, "train/grpo.py", "--config", str(cfg / "qwen2_audio_grpo.yaml")])],
-        infer_overrides=["adapter=runs/demo/qwen2_audio_grpo/adapter", "output_dir=runs/demo/qwen2_audio_grpo/infer",
+        infer_overrides=["model_path=runs/demo/qwen2_audio_grpo/model", "adapter=null",
+                         "output_dir=runs/demo/qwen2_audio_grpo/infer",
                          "model_name=qwen2_audio_grpo"],
     )
     members = [qwen, qwen_grpo]
@@ -163,7 +164,8 @@ def build_members(py: str, ds: list[str]) -> list[Member]:
         members.append(Member(
             "cascade_grpo", "text_llm", "grpo", "runs/demo/cascade_grpo", str(cfg / "cascade_infer.yaml"),
             train=cascade,
-            infer_overrides=["adapter=runs/demo/cascade_grpo/adapter", "output_dir=runs/demo/cascade_grpo/infer",
+            infer_overrides=["model_path=runs/demo/cascade_grpo/model", "adapter=null",
+                             "output_dir=runs/demo/cascade_grpo/infer",
                              "model_name=cascade_grpo"],
             report_section=cascade_section, audio_floor=False,
         ))
@@ -188,7 +190,7 @@ def cascade_section(py: str, stage) -> dict | None:
     # eval: the text-only floor of the report (question and options alone)
     stage("cascade inference dev and eval, no events", [
         py, "inference/run.py", "--config", str(DEMO_CONFIGS / "cascade_infer.yaml"), "--split", "dev,eval",
-        "adapter=runs/demo/cascade_grpo/adapter", "output_dir=runs/demo/cascade_grpo/infer_no_events",
+        "model_path=runs/demo/cascade_grpo/model", "adapter=null", "output_dir=runs/demo/cascade_grpo/infer_no_events",
         "model_name=cascade_grpo_no_events", "prompt.events=false"])
     cal = json.loads(cal_path.read_text(encoding="utf-8"))
     acc = {name: json.loads(Path(f"runs/demo/cascade_grpo/{d}/dev/metrics.json").read_text())["weighted_mean"]
@@ -315,7 +317,8 @@ def member_entry(m: Member) -> dict:
     silent_orders = order_scores(silent_path) if m.audio_floor else None
     orders = order_scores(eval_pred)
     return {
-        "name": m.name, "backbone": m.backbone, "stage": m.stage, "adapter": str(run / "adapter"),
+        "name": m.name, "backbone": m.backbone, "stage": m.stage,
+        "weights": str(run / "adapter") if (run / "adapter").is_dir() else str(run / "model"),
         "predictions": {"dev": str(dev_pred), "eval": str(eval_pred)},
         "metrics": {k: v for k, v in metrics.items() if v is not None},
         "chance": {k: v["chance"] for k, v in metrics.items() if v is not None},

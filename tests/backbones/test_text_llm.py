@@ -239,9 +239,13 @@ def test_cascade_configs_load_with_the_paper_lora_and_demo_paths():
         grpo = load_grpo_config("configs/" + name.format("grpo"))
         infer = load_config(InferConfig, "configs/" + name.format("infer"))
         assert sft.backbone == grpo.backbone == infer.backbone == "text_llm"
-        assert (sft.lora.r, sft.lora.alpha, grpo.lora.r, grpo.lora.alpha) == (16, 32, 16, 32)
+        if kind == "cascade":  # the paper's LoRA, GRPO on the SFT adapter
+            assert (sft.finetune, sft.lora.r, sft.lora.alpha, grpo.lora.r, grpo.lora.alpha) == ("lora", 16, 32, 16, 32)
+            assert grpo.sft_adapter == f"{sft.output_dir}/adapter"
+        else:  # the tiny demo model trains in full; GRPO and inference load the SFT's model/
+            assert sft.finetune == grpo.finetune == "full" and grpo.sft_adapter is None and infer.adapter is None
+            assert grpo.model_path == infer.model_path == f"{sft.output_dir}/model"
         assert sft.prompt == grpo.prompt == infer.prompt and sft.prompt.events
-        assert grpo.sft_adapter == f"{sft.output_dir}/adapter"
         assert sft.data_dir == grpo.data_dir == infer.data_dir
         for path in ("configs/" + name.format(s) for s in ("sft", "grpo", "infer")):
             assert open(path).readline().startswith(("# deepspeed", "# python inference/run.py"))

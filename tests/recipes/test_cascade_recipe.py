@@ -57,6 +57,11 @@ def assets(tmp_path_factory):
     return {"root": root, "model": root / "model", "data": data}
 
 
+# the LoRA recipe (configs/cascade/*.yaml's); the demo's own cascade SFT and GRPO of the tiny text LLM train in full
+LORA_SFT = ["finetune=lora", "lora.r=16", "lora.alpha=32", "lora.modules_to_save=[embed_tokens,lm_head]"]
+LORA_GRPO = ["finetune=lora", "lora.r=16", "lora.alpha=32", "lora.dropout=0.0"]
+
+
 def launch(script: str, config: str, *overrides: str, ranks: int = 2) -> subprocess.CompletedProcess:
     """The user's command (``deepspeed --num_gpus N script --config ...``), CPU even where a GPU exists."""
     return deepspeed(script, "--config", config, "logging.report_to=[]", "logging.every_steps=1", "progress=false",
@@ -68,7 +73,7 @@ def sft_run(assets):
     out = assets["root"] / "sft"
     proc = launch("train/sft.py", "configs/demo/cascade_sft.yaml", f"model_path={assets['model']}",
                   f"data_dir={assets['data']}", f"output_dir={out}", "max_steps=4", "batch.global_size=8",
-                  "batch.micro_size=2", "optim.warmup_steps=1", "eval.every_steps=2", "checkpoint.every_steps=2")
+                  "batch.micro_size=2", "optim.warmup_steps=1", "eval.every_steps=2", "checkpoint.every_steps=2", *LORA_SFT)
     assert "2 rank(s) on cpu" in proc.stdout
     return out
 
@@ -79,7 +84,7 @@ def grpo_run(assets, sft_run):
     launch("train/grpo.py", "configs/demo/cascade_grpo.yaml", f"model_path={assets['model']}",
            f"sft_adapter={sft_run / 'adapter'}", f"data_dir={assets['data']}", f"output_dir={out}", "max_steps=4",
            "batch.per_device=4", "grpo.sampling.max_new_tokens=1", "grpo.sampling.temperature=1.0",  # varied groups
-           "eval.every_steps=0", "eval.limit=4", "checkpoint.every_steps=2")
+           "eval.every_steps=0", "eval.limit=4", "checkpoint.every_steps=2", *LORA_GRPO)
     return out
 
 

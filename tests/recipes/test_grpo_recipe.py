@@ -64,7 +64,8 @@ def _args(setup, out: Path, *overrides: str) -> list[str]:
     return ["--config", CONFIG, f"model_path={setup['model']}", f"sft_adapter={setup['sft']}",
             f"data_dir={setup['data']}", f"output_dir={out}", f"cache_dir={setup['cache']}", "max_steps=4",
             "batch.per_device=4", "grpo.sampling.max_new_tokens=1", "logging.every_steps=1", "logging.report_to=[]",
-            "eval.every_steps=0", "eval.limit=4", "checkpoint.every_steps=2", "progress=false", *overrides]
+            "eval.every_steps=0", "eval.limit=4", "checkpoint.every_steps=2", "progress=false",
+            "finetune=lora", "lora.dropout=0.0", *overrides]  # the LoRA recipe; the demo's GRPO trains in full
 
 
 def _run(setup, out: Path, *overrides: str, launcher=deepspeed, check=True) -> subprocess.CompletedProcess:

@@ -32,7 +32,7 @@ def test_shipped_kimi_configs_load_with_the_report_recipe():
     assert (report.lora.r, report.optim.lr, report.epochs, report.batch.global_size) == (16, 5e-5, 8, 32)
     assert not report.lora.modules_to_save and not report.lora.include_audio  # the 7B's encoders stay frozen
     demo = load_sft_config(ROOT / SFT_CONFIG)
-    assert demo.backbone == "kimi_audio" and demo.model_path == "runs/demo/kimi_audio_reading/model"
+    assert demo.backbone == "kimi_audio" and demo.model_path == "runs/demo/models/kimi_audio"
     assert demo.output_dir == "runs/demo/kimi_audio_sft" and demo.cache_dir == "runs/demo/cache"
     grpo = load_grpo_config(ROOT / "configs/kimi_audio/grpo.yaml")
     assert grpo.backbone == "kimi_audio" and grpo.sft_adapter == report.output_dir + "/adapter"

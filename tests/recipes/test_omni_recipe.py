@@ -51,7 +51,7 @@ def test_shipped_omni_configs_follow_the_report_and_audiomcq():
     assert full.prompt.system.startswith("You are an audio understanding model")  # AudioMCQ's system prompt
     assert infer_full.model_path == grpo.output_dir + "/model"
     demo = load_sft_config(ROOT / SFT_CONFIG)
-    assert demo.model_path == "runs/demo/qwen2_5_omni_reading_long/model" and demo.lora.modules_to_save == ["audio_tower"]
+    assert demo.model_path == "runs/demo/qwen2_5_omni_reading/model" and demo.lora.modules_to_save == ["audio_tower"]
 
 
 def _letter_prone(release) -> None:
