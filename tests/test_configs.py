@@ -44,3 +44,24 @@ def test_config_opens_with_its_command_and_loads(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = load_config(config_class(first), path)
     assert cfg is not None
+
+
+@pytest.mark.parametrize("name", ["qwen2_audio", "kimi_audio", "qwen2_5_omni", "cascade"])
+def test_demo_grpo_and_inference_load_what_the_demo_sft_writes(name):
+    """A demo SFT in full writes ``model/``, which its GRPO and inference load with no adapter; a LoRA SFT writes
+    ``adapter/``, which GRPO folds in and inference applies on the SFT's own base."""
+    from aqa.eval.predict import InferConfig
+    from aqa.grpo.config import load_grpo_config
+    from aqa.sft.config import load_sft_config
+
+    demo = ROOT / "configs" / "demo"
+    sft = load_sft_config(demo / f"{name}_sft.yaml")
+    grpo = load_grpo_config(demo / f"{name}_grpo.yaml")
+    infer = load_config(InferConfig, demo / f"{name}_infer.yaml")
+    assert grpo.finetune == sft.finetune and grpo.output_dir != sft.output_dir
+    if sft.finetune == "full":
+        assert grpo.model_path == infer.model_path == f"{sft.output_dir}/model"
+        assert grpo.sft_adapter is None and infer.adapter is None
+    else:
+        assert grpo.model_path == infer.model_path == sft.model_path
+        assert grpo.sft_adapter == infer.adapter == f"{sft.output_dir}/adapter"
