@@ -156,7 +156,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 "Each tiny backbone's first stage: questions that name their answer (\"Which option says ...?\"), "
                 "options in random order. Dev accuracy over the run (one order per question) beside chance.", "",
                 "| backbone | stage | dev accuracy by step | last [95 %] | chance |", "|---|---|---|---|---|"]
-        clip = {"reading": "beside a 0.1 s clip", "reading_long": "then beside a 2.5 s clip"}
+        clip = {"reading": "beside a 0.1 s clip"}
         for r in reading:
             curve = ", ".join(f"{step}: {_fmt(acc)}" for step, acc in r["curve"])
             last = {"weighted_mean": r["dev_accuracy"], "n": r["n"]}

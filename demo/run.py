@@ -112,13 +112,11 @@ def build_members(py: str, ds: list[str]) -> list[Member]:
     cfg = DEMO_CONFIGS
 
     def reading(prefix: str) -> list[tuple[str, list[str]]]:
-        """The backbone's option-reading stages, those it has a config for: full SFT on READING_DATA beside a
-        0.1 s clip (``*_reading.yaml``), then beside a 2.5 s one (``*_reading_long.yaml``); the last writes the
-        model/ its SFT starts from. Kimi-Audio has none: its stage did not learn (README)."""
-        return [(title, [*ds, "train/sft.py", "--config", str(cfg / f"{prefix}_{stem}.yaml")])
-                for title, stem in ((f"{prefix} option reading", "reading"),
-                                    (f"{prefix} option reading, long clip", "reading_long"))
-                if (cfg / f"{prefix}_{stem}.yaml").is_file()]
+        """The backbone's option-reading stage where it has a config (``*_reading.yaml``): full SFT on
+        READING_DATA beside a 0.1 s clip, writing the model/ its SFT starts from. Kimi-Audio has none: its stage
+        did not learn (README)."""
+        path = cfg / f"{prefix}_reading.yaml"
+        return [(f"{prefix} option reading", [*ds, "train/sft.py", "--config", str(path)])] if path.is_file() else []
 
     qwen = Member(
         "qwen2_audio_sft", "qwen2_audio", "sft", "runs/demo/qwen2_audio_sft", str(cfg / "qwen2_audio_infer.yaml"),
@@ -262,23 +260,23 @@ def order_scores(path: Path, rows: list[dict] | None = None) -> dict | None:
 
 
 def reading_entries(members: list[Member]) -> list[dict]:
-    """Per backbone, what its option-reading stages reached (the run dirs their configs name): the last dev
-    accuracy each run logged (questions naming their answer, one option order each) beside that split's chance."""
-    dev = Path(READING_DATA) / "dev.jsonl"  # dev_short asks the same kind of questions: the same chance
-    chance = chance_level(read_jsonl(dev)) if dev.is_file() else None
+    """Per backbone, what its option-reading stage reached (the run dir its config names): the last dev
+    accuracy the run logged (questions naming their answer, one option order each) beside the chance of the
+    split it was evaluated on."""
     backbones = {m.backbone for m in members}
     out = []
-    for path in DEMO_CONFIGS.glob("*_reading*.yaml"):
+    for path in DEMO_CONFIGS.glob("*_reading.yaml"):
         cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
         metrics = Path(cfg["output_dir"]) / "metrics.jsonl"
         if cfg["backbone"] not in backbones or not metrics.is_file():
             continue
+        dev = Path(cfg["data_dir"]) / f"{cfg['dev_split']}.jsonl"
+        chance = chance_level(read_jsonl(dev)) if dev.is_file() else None
         # a rerun appends to the same file: the last evaluation logged at each step
         evals = sorted({r["step"]: r for r in read_jsonl(metrics) if r.get("kind") == "eval"}.values(),
                        key=lambda r: r["step"])
         if evals:
-            stage = "reading_long" if path.stem.endswith("_long") else "reading"
-            out.append({"backbone": cfg["backbone"], "stage": stage,
+            out.append({"backbone": cfg["backbone"], "stage": "reading",
                         "step": evals[-1]["step"], "dev_accuracy": evals[-1]["accuracy"], "n": evals[-1]["n"],
                         "chance": chance, "curve": [[r["step"], r["accuracy"]] for r in evals]})
     return sorted(out, key=lambda r: (r["backbone"], r["stage"]))

@@ -17,8 +17,9 @@ The words are those the options of a manifest are made of (``--words-from``), so
 knows them. The question needs no audio, but every record of the manifest contract has a clip, and the clip
 matters to a tiny model: beside a 2.5 s clip (about 60 audio positions) the tiny Qwen2-Audio did not learn to
 read in 400 steps, beside a 0.1 s one it did, and a model that learned beside the short clip lost the skill
-beside a long one until it trained a little more there. Hence two stages and a split per clip length: a
-split's questions take turns on the silent clips of the lengths it names.
+beside a long one until it trained a little more there (SFT in full at batch 64, the demo's now, does not need
+that second stage). Hence a split per clip length: a split's questions take turns on the silent clips of the
+lengths it names.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class ReadingSplit:
 
 @dataclass
 class ReadingConfig:
-    # the demo's two stages: reading beside a 0.1 s clip (*_short), then beside a 2.5 s one, its soundscapes' length
+    # beside a 0.1 s clip (*_short: the demo's reading stages), and beside a 2.5 s one, its soundscapes' length
+    # (a second stage the demo ran before its SFT trained in full at batch 64: README)
     splits: list[ReadingSplit] = field(default_factory=lambda: [
         ReadingSplit("train_short", 8000, (0.1,)), ReadingSplit("dev_short", 256, (0.1,)),
         ReadingSplit("train", 4000, (2.5,)), ReadingSplit("dev", 256, (2.5,))])
