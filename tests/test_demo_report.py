@@ -75,3 +75,29 @@ def test_grpo_is_reported_beside_its_sft_start_with_a_paired_interval():
     assert "no difference the eval split can show" in grpo_verdict(same)
     with pytest.raises(ValueError, match="same questions"):
         paired_difference([1.0], [1.0, 0.0])
+
+
+def test_long_demo_trains_kimi_audio_through_its_reading_stage_and_full_sft(monkeypatch):
+    """``--long`` swaps Kimi-Audio's chain for configs/demo/long/ (reading, then SFT in full from its model, in a
+    run dir of its own) and leaves every other member as the default demo has it."""
+    from aqa.sft.config import load_sft_config
+    from demo.run import LONG_CONFIGS, build_members, reading_configs
+    from tests.helpers import ROOT
+
+    monkeypatch.chdir(ROOT)
+    default = {m.name: m for m in build_members("python", ["deepspeed"])}
+    long = {m.name: m for m in build_members("python", ["deepspeed"], long=True)}
+    assert set(default) == set(long) and "kimi_audio_sft" in long
+    kimi = long["kimi_audio_sft"]
+    configs = [cmd[cmd.index("--config") + 1] for _, cmd in kimi.train]
+    assert configs == [str(LONG_CONFIGS / "kimi_audio_reading.yaml"), str(LONG_CONFIGS / "kimi_audio_sft.yaml")]
+    reading, sft = (load_sft_config(LONG_CONFIGS / f"kimi_audio_{s}.yaml") for s in ("reading", "sft"))
+    assert sft.model_path == f"{reading.output_dir}/model" and sft.finetune == reading.finetune == "full"
+    assert sft.batch.global_size == reading.batch.global_size == 64
+    assert kimi.run_dir == sft.output_dir != default["kimi_audio_sft"].run_dir
+    assert {f"model_path={sft.output_dir}/model", "adapter=null", f"output_dir={sft.output_dir}/infer"} <= set(
+        kimi.infer_overrides)
+    assert all(default[n].train == long[n].train for n in default if n != "kimi_audio_sft")
+    # the report's reading table: the stages this run trained, Kimi-Audio's only in the long demo
+    assert LONG_CONFIGS / "kimi_audio_reading.yaml" in reading_configs(list(long.values()))
+    assert not any(p.name.startswith("kimi") for p in reading_configs(list(default.values())))
