@@ -111,7 +111,7 @@ def run_stage(title: str, cmd: list[str], log_dir: Path) -> float:
 
 def build_members(py: str, ds: list[str], long: bool = False) -> list[Member]:
     """The demo's members, each a chain of the users' commands with the demo configs. ``long``: Kimi-Audio
-    through its option-reading stage and 1,500 steps of SFT in full (``configs/demo/long/``, about 11 minutes
+    through its option-reading stage and 1,500 steps of SFT in full (``configs/demo/long/``, about 9 minutes
     more on 2 CPU cores), where the default demo gives it 50 steps of LoRA SFT that stay at the floor."""
     cfg = DEMO_CONFIGS
 
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                              "training stage (the scores mean nothing); make clean afterwards for a real demo")
     parser.add_argument("--long", action="store_true",
                         help="also train Kimi-Audio until it reads the audio into the options: its option-reading "
-                             "stage and 1,500 SFT steps in full (configs/demo/long/; about 11 minutes more on 2 CPU "
+                             "stage and 1,500 SFT steps in full (configs/demo/long/; about 9 minutes more on 2 CPU "
                              "cores), in place of the default demo's 50 LoRA steps, which stay at the floor")
     args = parser.parse_args(argv)
     if Path(args.out) != Path("runs/demo") or Path(args.data) != Path("data/demo"):
