@@ -72,7 +72,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check aqa data_prep train inference ensemble bench tests
+	$(PY) -m ruff check aqa data_prep train inference ensemble bench demo tests
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
