@@ -8,9 +8,9 @@ Writes ``OUT/<split>.jsonl`` (one record per question, options in random order, 
 question), ``OUT/audio/`` (one silent clip per length) and ``OUT/dataset.json``. The words are those of the
 option texts of ``--words-from``'s train split. Default splits: train_short=8000@0.1 and dev_short=256@0.1
 (a 0.1 s clip, what the demo's reading stages train and evaluate on), train=4000@2.5 and dev=256@2.5 (2.5 s, as
-long as the demo's soundscapes, for a second stage beside them; the demo no longer runs one: README). With ``--event-labels``, every question also
-carries 0-4 made-up detected events (``meta.events``) for the cascade's text LLM. The same arguments give the
-same bytes. See aqa/data/option_reading.py for why the stage exists.
+long as the demo's soundscapes, for a second stage beside them; the demo no longer runs one: README). With
+``--event-labels``, every question also carries 0-4 made-up detected events (``meta.events``) for the cascade's
+text LLM. The same arguments give the same bytes. See aqa/data/option_reading.py for why the stage exists.
 """
 
 from __future__ import annotations

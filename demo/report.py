@@ -1,7 +1,7 @@
 """The demo report: ``report.json`` (machine-readable) and ``report.md`` (a person's table).
 
 ``report.json`` holds a top-level ``members`` list; each member is
-``{"name", "backbone", "stage", "adapter", "predictions": {"dev", "eval"}, "metrics": {"dev", "eval"},
+``{"name", "backbone", "stage", "weights", "predictions": {"dev", "eval"}, "metrics": {"dev", "eval"},
 "chance": {"dev", "eval"}, "silent_audio": {"eval"}, "orders": {"eval"}}`` (accuracies with a 95 % ``interval``;
 ``orders``: mean and strict accuracy over K option orders; ``silent_audio`` likewise), plus ``"ensemble"``,
 ``"text_only_floor"`` (``eval``, ``eval_orders``), ``"option_reading"`` (per backbone, the dev accuracy of its
@@ -156,11 +156,10 @@ def render_markdown(report: dict[str, Any]) -> str:
                 "Each tiny backbone's first stage: questions that name their answer (\"Which option says ...?\"), "
                 "options in random order. Dev accuracy over the run (one order per question) beside chance.", "",
                 "| backbone | stage | dev accuracy by step | last [95 %] | chance |", "|---|---|---|---|---|"]
-        clip = {"reading": "beside a 0.1 s clip"}
         for r in reading:
             curve = ", ".join(f"{step}: {_fmt(acc)}" for step, acc in r["curve"])
             last = {"weighted_mean": r["dev_accuracy"], "n": r["n"]}
-            stage = "text only" if r["backbone"] == "text_llm" else clip.get(r.get("stage"), r.get("stage", ""))
+            stage = "text only" if r["backbone"] == "text_llm" else "beside a 0.1 s clip"
             out.append(f"| {r['backbone']} | {stage} | {curve} | "
                        f"{_interval(last)} | {_fmt(r['chance'])} |")
         out.append("")

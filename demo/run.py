@@ -135,20 +135,18 @@ def build_members(py: str, ds: list[str], long: bool = False) -> list[Member]:
                          "model_name=qwen2_audio_grpo"],
     )
     members = [qwen, qwen_grpo]
-    if long and (LONG_CONFIGS / "kimi_audio_sft.yaml").is_file():
-        # its own run dir, so that neither demo resumes the other's checkpoints (LoRA there, full here)
+    # Kimi-Audio: the default demo's LoRA SFT, or with ``long`` the chain in configs/demo/long/, whose SFT (in
+    # full) writes model/ to a run dir of its own, so that neither demo resumes the other's checkpoints
+    kimi_cfg = LONG_CONFIGS if long and (LONG_CONFIGS / "kimi_audio_sft.yaml").is_file() else cfg
+    kimi_sft = kimi_cfg / "kimi_audio_sft.yaml"
+    if kimi_sft.is_file():
+        run_dir = yaml.safe_load(kimi_sft.read_text(encoding="utf-8"))["output_dir"]
         members.append(Member(
-            "kimi_audio_sft", "kimi_audio", "sft", "runs/demo/kimi_audio_sft_long", str(cfg / "kimi_audio_infer.yaml"),
-            train=[*reading("kimi_audio", LONG_CONFIGS),
-                   ("kimi_audio SFT", [*ds, "train/sft.py", "--config", str(LONG_CONFIGS / "kimi_audio_sft.yaml")])],
-            infer_overrides=["model_path=runs/demo/kimi_audio_sft_long/model", "adapter=null",
-                             "output_dir=runs/demo/kimi_audio_sft_long/infer"],
-        ))
-    elif (cfg / "kimi_audio_sft.yaml").is_file():
-        members.append(Member(
-            "kimi_audio_sft", "kimi_audio", "sft", "runs/demo/kimi_audio_sft", str(cfg / "kimi_audio_infer.yaml"),
-            train=[*reading("kimi_audio"),
-                   ("kimi_audio SFT", [*ds, "train/sft.py", "--config", str(cfg / "kimi_audio_sft.yaml")])],
+            "kimi_audio_sft", "kimi_audio", "sft", run_dir, str(cfg / "kimi_audio_infer.yaml"),
+            train=[*reading("kimi_audio", kimi_cfg),
+                   ("kimi_audio SFT", [*ds, "train/sft.py", "--config", str(kimi_sft)])],
+            infer_overrides=[] if kimi_cfg == cfg else [f"model_path={run_dir}/model", "adapter=null",
+                                                        f"output_dir={run_dir}/infer"],
         ))
     if (cfg / "qwen2_5_omni_sft.yaml").is_file():
         members.append(Member(
@@ -297,7 +295,7 @@ def reading_entries(members: list[Member]) -> list[dict]:
             out.append({"backbone": cfg["backbone"], "stage": "reading",
                         "step": evals[-1]["step"], "dev_accuracy": evals[-1]["accuracy"], "n": evals[-1]["n"],
                         "chance": chance, "curve": [[r["step"], r["accuracy"]] for r in evals]})
-    return sorted(out, key=lambda r: (r["backbone"], r["stage"]))
+    return sorted(out, key=lambda r: r["backbone"])
 
 
 def grpo_against_sft(members: list[Member]) -> list[dict]:
