@@ -2,7 +2,8 @@
 
     python bench/grpo_step.py [--questions 8] [--generations 6] [--max-new-tokens 8] [--steps 3]
                               [--device cpu|cuda] [--dtype float32|bfloat16] [--seven-b] [--no-memory]
-                              [--lora-dtype model|float32] [--no-merge-lora] [spec key=value ...]
+                              [--lora-dtype model|float32] [--no-merge-lora] [--update-chunk N]
+                              [--layouts naive static ...] [spec key=value ...]
 
 A random-init Qwen2-Audio of ``aqa.backbones.qwen2_audio_tiny.TinyQwen2AudioSpec`` sizes (override any, e.g. a 7B shape on a
 GPU: hidden_size=4096 num_hidden_layers=32 num_attention_heads=32 num_key_value_heads=32
@@ -18,6 +19,11 @@ advantages, reference log-probs (adapter disabled), policy log-probs, loss, back
 - merged: static over merged LoRA weights (``grpo.rollout.merge_lora``: the buffers refreshed in place before
   each rollout, one matmul per LoRA'd layer; the reference and the policy log-probs through the unmerged model,
   as in every layout). ``--no-merge-lora`` leaves it out.
+
+``--update-chunk N`` scores and trains the shared, static and merged layouts in chunks of N questions, as
+``batch.update_chunk`` does in the recipe (the naive layout stays whole, as r1-aqa runs it): the memory of the
+policy pass is a chunk's. ``--layouts`` runs a subset, e.g. ``--layouts static`` at the report's batch, where
+the naive layout does not fit.
 
 ``--seven-b`` builds Qwen2-Audio-7B's shapes (as ``bench/sft_step.py``; use a GPU, bf16). A random model rarely
 says <|im_end|>, so completions run (nearly) the full token budget in every layout. Peak memory is taken for
@@ -116,9 +122,10 @@ PHASES = ("sample", "reference", "update")
 
 def grpo_step(bb: Qwen2AudioBackbone, optimizer: torch.optim.Optimizer, examples: list[Example],
               prompt: sp.PromptBatch, G: int, sampling: SamplingConfig, layout: str, seed: int,
-              decoders: dict[str, StaticDecoder], device: torch.device) -> dict[str, float]:
+              decoders: dict[str, StaticDecoder], device: torch.device, chunk: int | None = None) -> dict[str, float]:
     """One full GRPO step in ``layout``; returns seconds per phase and the new tokens sampled. ``prompt`` is
-    encoded once up front for every layout (tokenizing is not what differs)."""
+    encoded once up front for every layout (tokenizing is not what differs). ``chunk``: questions per
+    reference and policy pass outside the naive layout (None: all)."""
     hf = unwrap(bb.model)
     rules = sp.token_rules(bb.tokenizer, hf)
     logprobs_fn = sp.naive_completion_logprobs if layout == "naive" else sp.completion_logprobs
@@ -134,11 +141,20 @@ def grpo_step(bb: Qwen2AudioBackbone, optimizer: torch.optim.Optimizer, examples
     rewards, _ = compute_rewards(texts, examples, {"accuracy": 1.0})  # [B, G]
     adv = group_advantages(rewards, eps=1e-4)
     clock.lap()
+    B = ids.shape[0]
+    size = B if layout == "naive" or not chunk else chunk
+    parts = [slice(s, min(s + size, B)) for s in range(0, B, size)]
+
+    def logprobs(rows: slice) -> torch.Tensor:  # [b, G, T] for questions rows
+        whole = rows == slice(0, B)
+        return logprobs_fn(hf, prompt if whole else prompt.rows(rows.start, rows.stop), ids[rows], mask[rows])
+
     with torch.no_grad(), bb.model.disable_adapter():  # the reference: same weights, adapter off
-        ref = logprobs_fn(hf, prompt, ids, mask)
+        ref = torch.cat([logprobs(rows) for rows in parts])
     reference_s = clock.lap()
-    loss, _ = grpo_loss(logprobs_fn(hf, prompt, ids, mask), None, ref, adv.values, mask, epsilon=0.2, beta=0.1)
-    loss.backward()
+    for rows in parts:  # equal chunks (or one): the mean of their losses is the batch's
+        loss, _ = grpo_loss(logprobs(rows), None, ref[rows], adv.values[rows], mask[rows], epsilon=0.2, beta=0.1)
+        (loss / len(parts)).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"sample": sample_s, "reference": reference_s, "update": clock.lap(), "tokens": ids.shape[-1]}
@@ -182,13 +198,21 @@ def main(argv: list[str] | None = None) -> None:
                         help="also run the static layout over merged LoRA weights (grpo.rollout.merge_lora)")
     parser.add_argument("--lora-dtype", choices=["model", "float32"], default="model",
                         help="the LoRA weights' dtype: the model's, as under DeepSpeed (default), or PEFT's own fp32")
+    parser.add_argument("--update-chunk", type=int, default=None,
+                        help="questions per reference and policy pass outside the naive layout, as batch.update_chunk "
+                             "(must divide --questions; default: all at once)")
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS),
+                        help="the layouts to run (speedups need naive and static)")
     parser.add_argument("--memory-of", choices=LAYOUTS, help=argparse.SUPPRESS)  # internal: a child
     parser.add_argument("spec", nargs="*", help="model size overrides, e.g. hidden_size=4096")
     args = parser.parse_args(argv)
     spec = load_config(TinyQwen2AudioSpec, None, (SEVEN_B_SPEC if args.seven_b else []) + args.spec)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    layouts = LAYOUTS if args.merge_lora else tuple(x for x in LAYOUTS if x != "merged")
+    layouts = tuple(x for x in LAYOUTS if x in args.layouts and (args.merge_lora or x != "merged"))
+    if args.update_chunk is not None and (args.update_chunk < 1 or args.questions % args.update_chunk):
+        parser.error(f"--update-chunk must divide --questions ({args.questions}): the chunks' mean loss is the batch's "
+                     "only when they hold as many questions")
 
     # -- peak memory: each layout in its own process first, so one's freed memory cannot hide the other's
     #    peak (and, on a GPU, this process holds no model meanwhile)
@@ -218,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def step(layout: str, i: int) -> Callable[[], dict[str, float]]:
         return lambda: grpo_step(bb, optimizer, examples, prompt, args.generations, sampling, layout,
-                                 args.seed + i, decoders, device)
+                                 args.seed + i, decoders, device, args.update_chunk)
 
     if args.memory_of is not None:  # the child: a warm-up step and one more, under the memory watch
         with PeakMemory(device) as mem:
@@ -231,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     #    layouts alternate step by step, so load from other jobs on a shared machine falls on all alike; medians
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {args.device} {args.dtype}; "
           f"B={args.questions} questions, G={args.generations}, prompt {prompt.input_ids.shape[1]} tokens "
-          f"(audio included), {args.max_new_tokens} new tokens")
+          f"(audio included), {args.max_new_tokens} new tokens"
+          + (f"; reference and policy passes in chunks of {args.update_chunk}" if args.update_chunk else ""))
     runs: dict[str, list[dict[str, float]]] = {layout: [] for layout in layouts}
     for layout in layouts:
         step(layout, -1)()
@@ -245,10 +270,19 @@ def main(argv: list[str] | None = None) -> None:
         split = " ".join(f"{k}={med[k]:.3f}s ({med[k] / sec[layout]:.0%})" for k in PHASES)
         print(f"{layout:>6}: {sec[layout]:8.3f} s/step  {split}  sample_ms_per_token="
               f"{1000 * med['sample'] / max(med['tokens'], 1):.2f}  " + memory_text(peaks[layout]))
+    print(summary(args.generations, sec, peaks))
+
+
+def summary(G: int, sec: dict[str, float], peaks: dict[str, float]) -> str:
+    """The last line: the speedups over the naive layout of the layouts that ran, and the peak-memory ratio."""
+    if "naive" not in sec or "static" not in sec:
+        return f"grpo_step G={G}: " + " ".join(f"{k}={v:.3f}s" for k, v in sec.items()) + " (speedups need the naive " \
+            "and static layouts)"
     ratio = "not measured" if math.isnan(peaks["naive"]) else f"{peaks['naive'] / max(peaks['static'], 1):.2f}x"
-    print(f"grpo_step G={args.generations}: naive/static peak memory={ratio} "
-          f"shared_speedup={sec['naive'] / sec['shared']:.2f} speedup={sec['naive'] / sec['static']:.2f}"
-          + (f" merged_speedup={sec['naive'] / sec['merged']:.2f}" if "merged" in sec else ""))
+    return (f"grpo_step G={G}: naive/static peak memory={ratio}"
+            + (f" shared_speedup={sec['naive'] / sec['shared']:.2f}" if "shared" in sec else "")
+            + f" speedup={sec['naive'] / sec['static']:.2f}"
+            + (f" merged_speedup={sec['naive'] / sec['merged']:.2f}" if "merged" in sec else ""))
 
 
 def memory_text(peak: float) -> str:

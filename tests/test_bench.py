@@ -34,3 +34,16 @@ def test_bench_runs_at_tiny_shapes(script):
     assert re.search(pattern, last), out[-2000:]
     if "--no-memory" in args:  # memory skipped is said so, not printed as nan
         assert "not measured" in last and "nan" not in out, out[-2000:]
+
+
+def test_grpo_bench_runs_one_layout_in_question_chunks_with_its_memory():
+    """The report's-batch check of bench/gpu_check.sh at tiny shapes: the static layout alone, its reference and
+    policy passes in chunks of questions (as batch.update_chunk), peak memory measured in a child process."""
+    out = python("bench/grpo_step.py", "--questions", "4", "--generations", "3", "--max-new-tokens", "3",
+                 "--steps", "1", "--layouts", "static", "--update-chunk", "2", timeout=300).stdout
+    assert "passes in chunks of 2" in out, out[-2000:]
+    static = [line for line in out.splitlines() if line.strip().startswith("static:")]
+    assert len(static) == 1 and re.search(r"peak memory \+\s*\d+\.\d MiB", static[0]), out[-2000:]
+    assert re.search(r"static=\S+s \(speedups need the naive and static layouts\)", out.splitlines()[-1])
+    bad = python("bench/grpo_step.py", "--questions", "4", "--update-chunk", "3", "--no-memory", check=False)
+    assert bad.returncode != 0 and "--update-chunk must divide --questions" in bad.stderr

@@ -24,7 +24,7 @@ from aqa.backbones import get_backbone
 from aqa.backbones.full import MODEL, apply_full, frozen_reference, save_model
 from aqa.data.dataset import ShardedSampler, collate_examples, qa_datasets
 from aqa.eval.dev import evaluate
-from aqa.grpo.config import GRPOConfig, engine_batch, total_rounds, total_steps
+from aqa.grpo.config import GRPOConfig, engine_batch, total_rounds, total_steps, update_chunk
 from aqa.grpo.engines import build_rollout_engine
 from aqa.grpo.policy import fold_sft_adapter, grpo_adapter_config, policy_from_sft, save_stacked_adapter
 from aqa.grpo.rollout import is_noop_round, sample_group, score_groups
@@ -76,12 +76,14 @@ def train(cfg: GRPOConfig) -> dict:
                              seed=cfg.seed)
     loader = train_loader(train_ds, sampler, cfg.batch.per_device, cfg.num_workers, collate_examples)
     accumulation = cfg.batch.gradient_accumulation
+    chunk = update_chunk(cfg)  # questions per forward/backward of the loss (the micro-batch is sampled at once)
     micro_per_epoch = micro_batches_per_epoch(sampler, cfg.batch.per_device)
     rounds = total_rounds(cfg, micro_per_epoch)
     total = total_steps(cfg, micro_per_epoch)  # optimizer steps: exactly max_steps when set
     stop_step = min(total, cfg.checkpoint.stop_at_step or total)
 
-    # -- engine: AdamW + warmup/cosine, ZeRO-2; DeepSpeed accumulates `accumulation` micro-batches per step.
+    # -- engine: AdamW + warmup/cosine, ZeRO-2; DeepSpeed accumulates `accumulation` micro-batches per step,
+    #    each one pass per chunk of `chunk` questions.
     #    Resume: GRPO adapter, optimizer, schedule, sampler position and every RNG (so rollouts) as saved
     engine, scheduler, ds_config = build_engine(model, cfg.deepspeed_config, engine_batch(cfg, info.world_size),
                                                 cfg.optim, info.world_size, run.precision, total)
@@ -91,6 +93,7 @@ def train(cfg: GRPOConfig) -> dict:
         print(f"grpo: {info.world_size} rank(s) on {run.device.type}, {run.precision}, {n_train:,} "
               f"{'trained' if full else 'GRPO adapter'} parameters; {len(train_ds)} questions, {rounds} rounds x {iters} step(s) of {accumulation} x "
               f"{cfg.batch.per_device} questions x G={G} per rank"
+              + (f", trained in chunks of {chunk}" if chunk < cfg.batch.per_device else "")
               + (f"; resumed from {run.resume_dir.name}" if run.resume_dir else ""), flush=True)
 
     def save(step: int) -> None:
@@ -129,14 +132,16 @@ def train(cfg: GRPOConfig) -> dict:
         #    (so the step count and the LR schedule stay in lock-step) and is counted as a no-op round.
         noop = is_noop_round(groups)
         state.noop_rounds += int(noop)
-        score_groups(backbone, engine, groups, cfg.grpo, frozen_ref)
+        score_groups(backbone, engine, groups, cfg.grpo, frozen_ref, chunk)
         losses, stats = [], []
         n_steps = min(iters, stop_step - state.global_step)  # max_steps is exact: the last round may stop early
         for _ in range(n_steps):  # each pass over the round is one optimizer step
             skipped_before, nonfinite = engine.skipped_steps, 0
-            for group in groups:
-                loss, st = group_loss(backbone, engine, group, cfg.grpo)  # clipped ratio - beta KL
-                ids = [e.id for e in group.rollout.examples]
+            # one forward/backward per chunk of questions (one DeepSpeed micro-batch each): the loss is a mean
+            # over equal chunks, so this is the micro-batch's gradient with a chunk's activations in memory
+            for part in (part for group in groups for part in group.chunks(chunk)):
+                loss, st = group_loss(backbone, engine, part, cfg.grpo)  # clipped ratio - beta KL
+                ids = [e.id for e in part.rollout.examples]
                 if check_loss(loss, ids, cfg.nonfinite_loss, state.nonfinite_steps, cfg.max_nonfinite,
                               state.global_step):
                     state.nonfinite_steps += 1  # its NaN gradients make DeepSpeed skip the step

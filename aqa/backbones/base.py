@@ -47,6 +47,12 @@ class Rollout:
     completion_mask: torch.Tensor  # [B, G, T] 1 on real tokens (up to and including EOS)
     texts: list[list[str]]  # [B][G] decoded completions
 
+    def rows(self, start: int, end: int) -> Rollout:
+        """Questions ``[start, end)`` with their completions: what GRPO scores and trains on in question chunks
+        (``batch.update_chunk``). The prompt's type provides ``rows`` (``shared_prefix.PromptBatch`` does)."""
+        return Rollout(self.examples[start:end], self.prompt.rows(start, end), self.completion_ids[start:end],
+                       self.completion_mask[start:end], self.texts[start:end])
+
 
 class Backbone(ABC):
     """One model family behind the protocol. Register concrete classes with ``@register``."""

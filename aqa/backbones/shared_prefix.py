@@ -36,6 +36,18 @@ class PromptBatch:
     # decoder inputs of every step of ``static_decode``, which feeds a question's G completions as G columns
     # of one row (Kimi-Audio: apply its per-sequence text-stream rule per column)
     step_extra: dict[str, Any] = field(default_factory=dict)
+    # the ``extra`` entries laid out per prompt position (``[B, P, ...]``, left-padded with the prompt): they
+    # lose their padding columns with it in :meth:`rows`; every other entry is per question, ``[B, ...]``
+    per_position: tuple[str, ...] = ()
+
+    def rows(self, start: int, end: int) -> PromptBatch:
+        """Questions ``[start, end)`` as a batch of their own, without the padding columns none of them needs
+        (positions count real tokens only, so every question's prompt reads exactly as in the whole batch)."""
+        mask = self.attention_mask[start:end]
+        first = mask.shape[1] - int(mask.sum(dim=1).max())  # left padding common to the chunk's rows
+        extra = {k: v[start:end, first:] if k in self.per_position else v[start:end] for k, v in self.extra.items()}
+        return PromptBatch(self.input_ids[start:end, first:], mask[:, first:], extra, self.temperature,
+                           self.step_extra, self.per_position)
 
 
 @dataclass

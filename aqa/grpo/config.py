@@ -57,6 +57,11 @@ class GRPOBatchConfig:
 
     per_device: int = 8  # questions per rank per micro-batch (each sampled G times)
     gradient_accumulation: int = 5  # micro-batches per optimizer step
+    # questions per forward/backward of the loss and of the reference scoring: a micro-batch is sampled at once,
+    # then trained on in chunks of this many questions. The loss is a mean over questions, so the gradient is the
+    # same; the memory of the policy pass (activations of the prompts, their KV expanded to G) is a chunk's.
+    # Divides per_device; null: the whole micro-batch in one pass
+    update_chunk: int | None = None
 
 
 @dataclass(kw_only=True)
@@ -92,6 +97,10 @@ class GRPOConfig(QATrainSettings):
                                         "LoRA adapter for the static engine's rollouts; a full fine-tune has none)"),
             "batch.per_device": (self.batch.per_device >= 1, ">= 1"),
             "batch.gradient_accumulation": (self.batch.gradient_accumulation >= 1, ">= 1"),
+            "batch.update_chunk": (self.batch.update_chunk is None or (
+                self.batch.update_chunk >= 1 and self.batch.per_device % self.batch.update_chunk == 0),
+                f"null or a divisor of batch.per_device ({self.batch.per_device}): every chunk must hold as many "
+                "questions, so that the chunks' mean loss is the micro-batch's"),
             "optim.lr": (self.optim.lr > 0, "> 0"),
             "max_steps": (self.max_steps is None or self.max_steps >= 1, ">= 1 or null"),
             "epochs": (self.max_steps is not None or self.epochs > 0, "> 0 when max_steps is null"),
@@ -111,11 +120,17 @@ def load_grpo_config(path: str | Path | None, overrides: list[str] | None = None
     return load_config(GRPOConfig, path, overrides)
 
 
+def update_chunk(cfg: GRPOConfig) -> int:
+    """Questions per forward/backward of the loss: ``batch.update_chunk``, or the whole micro-batch."""
+    return cfg.batch.update_chunk or cfg.batch.per_device
+
+
 def engine_batch(cfg: GRPOConfig, world_size: int) -> BatchConfig:
-    """GRPO's batch geometry as the engine's ``BatchConfig``: DeepSpeed accumulates
-    ``gradient_accumulation`` micro-batches of ``per_device`` questions per step."""
+    """GRPO's batch geometry as the engine's ``BatchConfig``: DeepSpeed accumulates ``gradient_accumulation``
+    micro-batches of ``per_device`` questions per step, each trained on in chunks of :func:`update_chunk`
+    questions (each chunk is one of DeepSpeed's micro-batches, its loss scaled by their count)."""
     per_device, accumulation = cfg.batch.per_device, cfg.batch.gradient_accumulation
-    return BatchConfig(global_size=per_device * accumulation * world_size, micro_size=per_device)
+    return BatchConfig(global_size=per_device * accumulation * world_size, micro_size=update_chunk(cfg))
 
 
 def total_steps(cfg: GRPOConfig, micro_per_epoch: int) -> int:

@@ -6,7 +6,8 @@ Shapes: B questions, G completions, T completion tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -33,6 +34,26 @@ class Group:
     ref_logp: torch.Tensor | None = None  # [B, G, T] reference (None when beta == 0)
     old_logp: torch.Tensor | None = None  # [B, G, T] the sampling policy (num_iterations > 1)
 
+    def rows(self, start: int, end: int) -> Group:
+        """Questions ``[start, end)`` with their rewards, advantages and scored log-probs (the statistics over
+        every rank stay whole: they are the round's, not the chunk's)."""
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[start:end]
+
+        return Group(self.rollout.rows(start, end), self.rewards[start:end],
+                     {k: v[start:end] for k, v in self.parts.items()},
+                     replace(self.adv, values=self.adv.values[start:end], zero_std=self.adv.zero_std[start:end]),
+                     cut(self.ref_logp), cut(self.old_logp))
+
+    def chunks(self, size: int | None) -> Iterator[Group]:
+        """The group in consecutive chunks of ``size`` questions (None: the whole group, as it is)."""
+        n = len(self.rollout.examples)
+        if size is None or size >= n:
+            yield self
+            return
+        for start in range(0, n, size):
+            yield self.rows(start, min(start + size, n))
+
 
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """All ranks' ``[B, G]`` along dim 0 -> ``[W*B, G]`` (the gather ``group_advantages`` takes)."""
@@ -52,15 +73,20 @@ def sample_group(backbone: Backbone, model: nn.Module, examples: list[Example], 
 
 @torch.no_grad()
 def score_groups(backbone: Backbone, model: nn.Module, groups: list[Group], cfg: GRPOSection,
-                 frozen_ref: nn.Module | None = None) -> None:
+                 frozen_ref: nn.Module | None = None, chunk: int | None = None) -> None:
     """Fill each group's reference log-probs (adapter off, or ``frozen_ref`` for a full fine-tune) and, for
-    ``num_iterations > 1``, the sampling policy's, both computed once per round before any update."""
+    ``num_iterations > 1``, the sampling policy's, both computed once per round before any update, ``chunk``
+    questions per forward pass (None: the whole group)."""
+
+    def scored(scorer: nn.Module, group: Group) -> torch.Tensor:  # [B, G, T]
+        return torch.cat([backbone.completion_logprobs(scorer, part.rollout) for part in group.chunks(chunk)])
+
     for group in groups:
         if cfg.beta > 0:
             with reference(model, frozen_ref) as ref:
-                group.ref_logp = backbone.completion_logprobs(ref, group.rollout)
+                group.ref_logp = scored(ref, group)
         if cfg.num_iterations > 1:
-            group.old_logp = backbone.completion_logprobs(model, group.rollout)
+            group.old_logp = scored(model, group)
 
 
 def is_noop_round(groups: list[Group]) -> bool:

@@ -186,6 +186,13 @@ def test_generation_through_the_text_stream(backbone):
                                                     rollout.completion_ids, rollout.completion_mask)
     mask = rollout.completion_mask.bool()
     assert torch.allclose(shared[mask], naive[mask], atol=1e-4)
+    # GRPO's question chunks (batch.update_chunk): the shorter prompt's chunk drops its padding columns (the
+    # audio-stream ids and continuous mask with the text ones) and scores as in the whole batch
+    first, second = rollout.rows(0, 1), rollout.rows(1, 2)
+    assert first.prompt.input_ids.shape[1] < rollout.prompt.input_ids.shape[1]
+    assert first.prompt.extra["audio_ids"].shape == first.prompt.input_ids.shape
+    chunks = torch.cat([bb.completion_logprobs(bb.model, r) for r in (first, second)])
+    assert torch.allclose(chunks[mask], shared[mask], atol=1e-5)
 
 
 def test_features_go_through_the_feature_cache(backbone, tmp_path):

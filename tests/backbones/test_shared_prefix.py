@@ -163,6 +163,44 @@ def test_audio_grpo_loss_and_grads_equal_naive_r1aqa_layout():
     assert any(ga[n].abs().sum() > 0 for n in ga)
 
 
+def test_question_chunks_score_and_train_as_the_whole_batch():
+    """``Rollout.rows``: GRPO's update in question chunks (``batch.update_chunk``). Each chunk drops the padding
+    columns none of its prompts needs, yet scores its questions exactly as the whole batch does; the mean of the
+    chunks' losses (what DeepSpeed's accumulation takes) has the whole batch's gradient."""
+    bb = _audio_backbone()
+    examples = _audio_examples(bb, n=4)  # clips of 1 to 4 s: prompts of four lengths
+    torch.manual_seed(0)
+    rollout = bb.generate(bb.model, examples, 3, SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=4))
+    adv = torch.linspace(-1.0, 1.0, 12, dtype=torch.float64).view(4, 3)
+    with torch.no_grad(), bb.model.disable_adapter():
+        ref = bb.completion_logprobs(bb.model, rollout)
+
+    def loss_of(part, rows):
+        logp = bb.completion_logprobs(bb.model, part)
+        return logp, grpo_loss(logp, None, ref[rows], adv[rows], part.completion_mask, epsilon=0.2, beta=0.1)[0]
+
+    bb.model.zero_grad()
+    whole_logp, whole = loss_of(rollout, slice(0, 4))
+    whole.backward()
+    want = _grads(bb.model)
+    bb.model.zero_grad()
+    parts = [rollout.rows(0, 2), rollout.rows(2, 4)]
+    # the first chunk holds the two shortest prompts: its batch is narrower than the whole one
+    assert parts[0].prompt.input_ids.shape[1] < rollout.prompt.input_ids.shape[1]
+    assert parts[1].prompt.input_ids.shape[1] == rollout.prompt.input_ids.shape[1]
+    chunk_logps = []
+    for i, part in enumerate(parts):
+        logp, loss = loss_of(part, slice(2 * i, 2 * i + 2))
+        (loss / len(parts)).backward()
+        chunk_logps.append(logp.detach())
+    mask = rollout.completion_mask.bool()
+    assert torch.allclose(torch.cat(chunk_logps)[mask], whole_logp.detach()[mask], atol=1e-10, rtol=0)
+    got = _grads(bb.model)
+    assert got.keys() == want.keys() and want
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-10, rtol=1e-8), name
+
+
 def test_policy_that_prefers_special_tokens_never_samples_them():
     bb = _audio_backbone(dtype=torch.float32)
     hf = unwrap(bb.model)

@@ -102,10 +102,23 @@ def test_merge_lora_flows_from_the_config_to_the_static_engine():
 
 
 def test_deepspeed_geometry_from_per_device_and_accumulation():
-    cfg = load_grpo_config("configs/qwen2_audio/grpo.yaml")
+    cfg = load_grpo_config("configs/qwen2_audio/grpo.yaml", ["batch.update_chunk=null"])
     ds = deepspeed_config(cfg.deepspeed_config, engine_batch(cfg, world_size=8), cfg.optim, 8, "bf16")
     assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 5
     assert ds["train_batch_size"] == 8 * 5 * 8
+
+
+def test_update_chunks_are_deepspeed_micro_batches_and_must_divide_the_micro_batch():
+    cfg = load_grpo_config("configs/qwen2_audio/grpo.yaml")
+    assert (cfg.batch.per_device, cfg.batch.update_chunk) == (8, 4)  # the 7B recipe: sampled 8 at once, trained 4
+    cfg = load_grpo_config("configs/qwen2_audio/grpo.yaml", ["batch.update_chunk=2"])
+    ds = deepspeed_config(cfg.deepspeed_config, engine_batch(cfg, world_size=8), cfg.optim, 8, "bf16")
+    # the same 8 x 5 questions per rank and step, in passes of 2: DeepSpeed averages 20 chunk losses
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 20
+    assert ds["train_batch_size"] == 8 * 5 * 8
+    for bad in ("3", "0"):
+        with pytest.raises(ConfigError, match="update_chunk"):
+            load_grpo_config(None, REQUIRED + [f"batch.update_chunk={bad}"])
 
 
 def test_rounds_and_crossing():

@@ -151,6 +151,29 @@ def test_merged_lora_rollouts_train_the_adapter_the_lora_branch_trains(setup):
         assert torch.allclose(adapters["true"][key], value, atol=1e-6), key
 
 
+def test_training_in_question_chunks_trains_the_same_adapter(setup):
+    """``batch.update_chunk``: each micro-batch of 4 questions is sampled at once, then scored and trained on in
+    chunks of 2 (each one of DeepSpeed's micro-batches). The rollouts and the gradients are the whole batch's, so
+    the run trains the same adapter."""
+    adapters, rewards, norms = {}, {}, {}
+    for chunk in ("null", "2"):
+        out = setup["root"] / f"chunk_{chunk}"
+        res = _run(setup, out, "max_steps=3", "grpo.sampling.max_new_tokens=3", f"batch.update_chunk={chunk}",
+                   launcher=python)
+        assert ("trained in chunks of 2" in res.stdout) == (chunk == "2")
+        adapters[chunk] = _grpo_part(out / "adapter")
+        rewards[chunk] = [r["reward_mean"] for r in _rows(out)]
+        norms[chunk] = [r["grad_norm"] for r in _rows(out)]
+        assert len(rewards[chunk]) == 3
+    assert rewards["2"] == rewards["null"]  # the same rollouts, so the same policy at every step
+    # Adam would hide a wrongly scaled gradient; its norm does not (the chunks' losses are averaged, not summed)
+    assert any(n > 0 for n in norms["null"])
+    assert norms["2"] == pytest.approx(norms["null"], rel=1e-3)  # fp32: the chunks sum in another order
+    for key, value in adapters["null"].items():
+        assert torch.allclose(adapters["2"][key], value, atol=1e-6), key
+    assert any(bool(v.abs().sum() > 0) for k, v in adapters["2"].items() if "lora_B" in k)  # it did train
+
+
 def test_missing_sft_adapter_is_a_clear_error(setup):
     res = _run(setup, setup["root"] / "bad", f"sft_adapter={setup['root'] / 'no_such_adapter'}", launcher=python,
                check=False)

@@ -293,7 +293,7 @@ class KimiAudioBackbone(Backbone):
         return shared_prefix.PromptBatch(text.to(device), mask.to(device), {
             "audio_ids": audio.to(device), "is_continuous_mask": cont.to(device),
             "whisper_features": pad_features_per_row(feats)}, temperature,
-            step_extra={"independent_columns": True})
+            step_extra={"independent_columns": True}, per_position=("audio_ids", "is_continuous_mask"))
 
     def _rules(self) -> shared_prefix.TokenRules:
         """End on ``text_eos``; never sample another special token or an audio code (text output only)."""
