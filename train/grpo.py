@@ -24,7 +24,14 @@ from aqa.backbones import get_backbone
 from aqa.backbones.full import MODEL, apply_full, frozen_reference, save_model
 from aqa.data.dataset import ShardedSampler, collate_examples, qa_datasets
 from aqa.eval.dev import evaluate
-from aqa.grpo.config import GRPOConfig, engine_batch, total_rounds, total_steps, update_chunk
+from aqa.grpo.config import (
+    GRPOConfig,
+    chunks_per_micro_batch,
+    engine_batch,
+    total_rounds,
+    total_steps,
+    update_chunk,
+)
 from aqa.grpo.engines import build_rollout_engine
 from aqa.grpo.policy import fold_sft_adapter, grpo_adapter_config, policy_from_sft, save_stacked_adapter
 from aqa.grpo.rollout import is_noop_round, sample_group, score_groups
@@ -77,6 +84,7 @@ def train(cfg: GRPOConfig) -> dict:
     loader = train_loader(train_ds, sampler, cfg.batch.per_device, cfg.num_workers, collate_examples)
     accumulation = cfg.batch.gradient_accumulation
     chunk = update_chunk(cfg)  # questions per forward/backward of the loss (the micro-batch is sampled at once)
+    n_chunks = chunks_per_micro_batch(cfg)  # DeepSpeed micro-batches per micro-batch of questions
     micro_per_epoch = micro_batches_per_epoch(sampler, cfg.batch.per_device)
     rounds = total_rounds(cfg, micro_per_epoch)
     total = total_steps(cfg, micro_per_epoch)  # optimizer steps: exactly max_steps when set
@@ -137,20 +145,28 @@ def train(cfg: GRPOConfig) -> dict:
         n_steps = min(iters, stop_step - state.global_step)  # max_steps is exact: the last round may stop early
         for _ in range(n_steps):  # each pass over the round is one optimizer step
             skipped_before, nonfinite = engine.skipped_steps, 0
-            # one forward/backward per chunk of questions (one DeepSpeed micro-batch each): the loss is a mean
-            # over equal chunks, so this is the micro-batch's gradient with a chunk's activations in memory
-            for part in (part for group in groups for part in group.chunks(chunk)):
-                loss, st = group_loss(backbone, engine, part, cfg.grpo)  # clipped ratio - beta KL
-                ids = [e.id for e in part.rollout.examples]
-                if check_loss(loss, ids, cfg.nonfinite_loss, state.nonfinite_steps, cfg.max_nonfinite,
-                              state.global_step):
-                    state.nonfinite_steps += 1  # its NaN gradients make DeepSpeed skip the step
+            for group in groups:
+                # one forward/backward per chunk of questions (one DeepSpeed micro-batch each, always n_chunks of
+                # them): the weighted chunk losses average to the micro-batch's loss, so this is its gradient
+                # with a chunk's activations in memory
+                bad, total = False, 0.0
+                for part, weight in group.split(n_chunks):
+                    loss, st = group_loss(backbone, engine, part, cfg.grpo)  # clipped ratio - beta KL
+                    loss = loss * weight if weight != 1.0 else loss
+                    ids = [e.id for e in part.rollout.examples]
+                    bad |= check_loss(loss, ids, cfg.nonfinite_loss, state.nonfinite_steps, cfg.max_nonfinite,
+                                      state.global_step)
+                    if not bad:
+                        total += loss.item() / n_chunks
+                        if weight > 0:
+                            stats.append(st)
+                    engine.backward(loss)
+                    engine.step()
+                if bad:  # counted once per micro-batch; its NaN gradients make DeepSpeed skip the step
+                    state.nonfinite_steps += 1
                     nonfinite += 1
                 else:
-                    losses.append(loss.item())
-                    stats.append(st)
-                engine.backward(loss)
-                engine.step()
+                    losses.append(total)
             confirm_skipped(engine, skipped_before, nonfinite)  # as SFT: a NaN step really was skipped
         metrics.update(loss_metrics(losses, stats), noop=float(noop), noop_rounds=state.noop_rounds,
                        lr=scheduler.get_last_lr()[0], grad_norm=float(engine.get_global_grad_norm() or 0.0))

@@ -238,7 +238,7 @@ def repeat_prompt(prompt: PromptBatch, num_samples: int) -> PromptBatch:
     return PromptBatch(prompt.input_ids.repeat_interleave(num_samples, dim=0),
                        prompt.attention_mask.repeat_interleave(num_samples, dim=0),
                        {k: v.repeat_interleave(num_samples, dim=0) for k, v in prompt.extra.items()},
-                       prompt.temperature, prompt.step_extra)
+                       prompt.temperature, prompt.step_extra, prompt.per_position)
 
 
 def naive_sample(model: nn.Module, prompt: PromptBatch, num_samples: int, sampling: SamplingConfig,

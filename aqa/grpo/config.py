@@ -125,6 +125,11 @@ def update_chunk(cfg: GRPOConfig) -> int:
     return cfg.batch.update_chunk or cfg.batch.per_device
 
 
+def chunks_per_micro_batch(cfg: GRPOConfig) -> int:
+    """DeepSpeed micro-batches per micro-batch of questions: ``per_device / update_chunk`` (1 unchunked)."""
+    return cfg.batch.per_device // update_chunk(cfg)
+
+
 def engine_batch(cfg: GRPOConfig, world_size: int) -> BatchConfig:
     """GRPO's batch geometry as the engine's ``BatchConfig``: DeepSpeed accumulates ``gradient_accumulation``
     micro-batches of ``per_device`` questions per step, each trained on in chunks of :func:`update_chunk`

@@ -54,6 +54,19 @@ class Group:
         for start in range(0, n, size):
             yield self.rows(start, min(start + size, n))
 
+    def split(self, parts: int) -> list[tuple[Group, float]]:
+        """The group as exactly ``parts`` consecutive chunks (one DeepSpeed micro-batch each), each with the
+        weight that makes the mean over the parts of weight x chunk loss the group's loss: its share of the
+        questions times ``parts`` (1 for equal chunks). The count never changes, so DeepSpeed's accumulation
+        boundary stays where the recipe puts it even for an epoch's short last micro-batch: its chunks are
+        uneven, and a chunk left without a question repeats the first one with weight 0."""
+        n = len(self.rollout.examples)
+        if parts == 1:
+            return [(self, 1.0)]
+        bounds = [(i * n) // parts for i in range(parts + 1)]
+        return [(self.rows(a, b), (b - a) * parts / n) if b > a else (self.rows(0, 1), 0.0)
+                for a, b in zip(bounds, bounds[1:])]
+
 
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """All ranks' ``[B, G]`` along dim 0 -> ``[W*B, G]`` (the gather ``group_advantages`` takes)."""

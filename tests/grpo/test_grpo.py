@@ -121,6 +121,45 @@ def test_update_chunks_are_deepspeed_micro_batches_and_must_divide_the_micro_bat
             load_grpo_config(None, REQUIRED + [f"batch.update_chunk={bad}"])
 
 
+def test_a_short_micro_batch_still_makes_every_chunk_and_its_weighted_loss_is_the_batchs():
+    """``Group.split``: always ``parts`` chunks (DeepSpeed counts them to find the optimizer step), weighted so
+    that their mean loss is the micro-batch's, for a full micro-batch, an uneven short one, and one with fewer
+    questions than chunks."""
+    from aqa.backbones.base import Rollout
+    from aqa.backbones.shared_prefix import PromptBatch, left_pad
+    from aqa.grpo.rollout import Group
+    from aqa.rl.advantages import Advantages
+    from aqa.rl.loss import grpo_loss
+
+    g = torch.Generator().manual_seed(0)
+    for n, parts in ((8, 2), (5, 2), (1, 2), (4, 5)):
+        G, T = 3, 4
+        ids, mask = left_pad([[7] * (2 + i) for i in range(n)], 0)
+        rollout = Rollout([None] * n, PromptBatch(ids, mask), torch.zeros(n, G, T, dtype=torch.long),
+                          torch.ones(n, G, T, dtype=torch.long), [["x"] * G] * n)
+        f64 = torch.float64
+        adv = Advantages(torch.randn(n, G, generator=g, dtype=f64), torch.zeros(n, dtype=torch.bool),
+                         torch.zeros(n, G), 0.0)
+        group = Group(rollout, torch.zeros(n, G), {}, adv, ref_logp=-torch.rand(n, G, T, generator=g, dtype=f64))
+        logp = -torch.rand(n, G, T, generator=g, dtype=f64)
+
+        def loss(rows: slice, part: Group) -> torch.Tensor:
+            return grpo_loss(logp[rows], None, part.ref_logp, part.adv.values, part.rollout.completion_mask,
+                             epsilon=0.2, beta=0.1)[0]
+
+        split = group.split(parts)
+        assert len(split) == parts
+        sizes = [len(p.rollout.examples) for p, w in split if w > 0]
+        assert sum(sizes) == n and max(sizes) - min(sizes) <= 1
+        starts = [0]
+        for size in sizes:
+            starts.append(starts[-1] + size)
+        chunked = sum(w * loss(slice(a, a + len(p.rollout.examples)), p)
+                      for (p, w), a in zip([pw for pw in split if pw[1] > 0], starts)) / parts
+        assert float(chunked) == pytest.approx(float(loss(slice(0, n), group)), rel=1e-12), (n, parts)
+        assert [w for _, w in split].count(0.0) == max(0, parts - n)
+
+
 def test_rounds_and_crossing():
     cfg = load_grpo_config(None, REQUIRED + ["epochs=2", "batch.gradient_accumulation=3"])
     assert total_rounds(cfg, micro_per_epoch=10) == 7  # ceil(2 * 10 / 3)
