@@ -152,16 +152,16 @@ def test_merged_lora_rollouts_train_the_adapter_the_lora_branch_trains(setup):
 
 
 def test_training_in_question_chunks_trains_the_same_adapter(setup):
-    """``batch.update_chunk``: each micro-batch of 10 questions is sampled at once, then scored and trained on in
-    chunks of 2 (each one of DeepSpeed's micro-batches, 5 per micro-batch). The epoch's 24 questions make micro-
-    batches of 10, 10 and 4; the short one still makes 5 DeepSpeed micro-batches (one of them weighted 0), so
-    every optimizer step ends where it should. The rollouts and the gradients are the whole batch's, so the run
-    trains the same adapter."""
+    """``batch.update_chunk`` on two CPU ranks: each rank's micro-batch of 10 questions is sampled at once, then
+    scored and trained on in chunks of 2 (each one of DeepSpeed's micro-batches, 5 per micro-batch). A rank's 12
+    questions per epoch make micro-batches of 10 and 2; the short one still makes 5 DeepSpeed micro-batches (three
+    of them weighted 0), so every optimizer step ends where it should. The rollouts and the gradients are the whole
+    batch's, so the run trains the same adapter."""
     adapters, rewards, norms = {}, {}, {}
     for chunk in ("null", "2"):
         out = setup["root"] / f"chunk_{chunk}"
         res = _run(setup, out, "max_steps=3", "grpo.sampling.max_new_tokens=3", "batch.per_device=10",
-                   f"batch.update_chunk={chunk}", launcher=python)
+                   f"batch.update_chunk={chunk}")
         assert ("trained in chunks of 2" in res.stdout) == (chunk == "2")
         adapters[chunk] = _grpo_part(out / "adapter")
         rewards[chunk] = [r["reward_mean"] for r in _rows(out)]
