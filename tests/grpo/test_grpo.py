@@ -143,7 +143,7 @@ def test_a_short_micro_batch_still_makes_every_chunk_and_its_weighted_loss_is_th
         group = Group(rollout, torch.zeros(n, G), {}, adv, ref_logp=-torch.rand(n, G, T, generator=g, dtype=f64))
         logp = -torch.rand(n, G, T, generator=g, dtype=f64)
 
-        def loss(rows: slice, part: Group) -> torch.Tensor:
+        def loss(rows: slice, part: Group, logp: torch.Tensor = logp) -> torch.Tensor:
             return grpo_loss(logp[rows], None, part.ref_logp, part.adv.values, part.rollout.completion_mask,
                              epsilon=0.2, beta=0.1)[0]
 
