@@ -94,7 +94,8 @@ def floors_table(report: dict[str, Any]) -> str:
             "**ensemble** (fitted on dev)", "–", "–", _interval(ens["eval"]), "–", "–", "–",
             _fmt(_mean(ens.get("dev"))) + " in-sample", _fmt(ens["eval"].get("chance")),
             str(ens["eval"].get("n", ""))]) + " |")
-    return "\n".join(lines)
+    notes = [f"- *{m['name']}*: {m['note']}" for m in report.get("members", []) if m.get("note")]
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def grpo_table(report: dict[str, Any]) -> str:

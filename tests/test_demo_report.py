@@ -61,6 +61,9 @@ def test_the_report_shows_each_member_against_the_floor_in_shuffled_orders(tmp_p
     text = render_markdown(report)
     assert "## Eval accuracy (%) in shuffled option orders, against the floors" in text
     assert "## GRPO against its SFT start" not in text  # no GRPO member
+    assert "- *" not in table  # no member says its recipe is short
+    report["members"][1]["note"] = "50 LoRA steps; run --long"
+    assert floors_table(report).endswith("\n\n- *m2*: 50 LoRA steps; run --long")
 
 
 def test_grpo_is_reported_beside_its_sft_start_with_a_paired_interval():
@@ -98,6 +101,8 @@ def test_long_demo_trains_kimi_audio_through_its_reading_stage_and_full_sft(monk
     assert {f"model_path={sft.output_dir}/model", "adapter=null", f"output_dir={sft.output_dir}/infer"} <= set(
         kimi.infer_overrides)
     assert all(default[n].train == long[n].train for n in default if n != "kimi_audio_sft")
+    # the default demo's report says where Kimi-Audio's longer recipe is; the long demo's has nothing to add
+    assert "DEMO_ARGS=--long" in default["kimi_audio_sft"].note and kimi.note is None
     # the report's reading table: the stages this run trained, Kimi-Audio's only in the long demo
     assert LONG_CONFIGS / "kimi_audio_reading.yaml" in reading_configs(list(long.values()))
     assert not any(p.name.startswith("kimi") for p in reading_configs(list(default.values())))
