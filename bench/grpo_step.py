@@ -146,8 +146,7 @@ def grpo_step(bb: Qwen2AudioBackbone, optimizer: torch.optim.Optimizer, examples
     parts = [slice(s, min(s + size, B)) for s in range(0, B, size)]
 
     def logprobs(rows: slice) -> torch.Tensor:  # [b, G, T] for questions rows
-        whole = rows == slice(0, B)
-        return logprobs_fn(hf, prompt if whole else prompt.rows(rows.start, rows.stop), ids[rows], mask[rows])
+        return logprobs_fn(hf, prompt.rows(rows.start, rows.stop), ids[rows], mask[rows])
 
     with torch.no_grad(), bb.model.disable_adapter():  # the reference: same weights, adapter off
         ref = torch.cat([logprobs(rows) for rows in parts])

@@ -2,8 +2,9 @@
 
 ``report.json`` holds a top-level ``members`` list; each member is
 ``{"name", "backbone", "stage", "weights", "predictions": {"dev", "eval"}, "metrics": {"dev", "eval"},
-"chance": {"dev", "eval"}, "silent_audio": {"eval"}, "orders": {"eval"}}`` (accuracies with a 95 % ``interval``;
-``orders``: mean and strict accuracy over K option orders; ``silent_audio`` likewise), plus ``"ensemble"``,
+"chance": {"dev", "eval"}, "silent_audio": {"eval"}, "orders": {"eval"}, "note"}`` (accuracies with a 95 %
+``interval``; ``orders``: mean and strict accuracy over K option orders; ``silent_audio`` likewise; ``note``, where
+present, why the demo's recipe leaves the member where it is), plus ``"ensemble"``,
 ``"text_only_floor"`` (``eval``, ``eval_orders``), ``"option_reading"`` (per backbone, the dev accuracy of its
 option-reading stage by step), ``"grpo_vs_sft"`` (each GRPO member beside its SFT start: both
 means over orders and the paired difference with its interval) and ``"wall_s"`` once those stages have run.

@@ -83,15 +83,16 @@ def train(cfg: GRPOConfig) -> dict:
                              seed=cfg.seed)
     loader = train_loader(train_ds, sampler, cfg.batch.per_device, cfg.num_workers, collate_examples)
     accumulation = cfg.batch.gradient_accumulation
-    chunk = update_chunk(cfg)  # questions per forward/backward of the loss (the micro-batch is sampled at once)
-    n_chunks = chunks_per_micro_batch(cfg)  # DeepSpeed micro-batches per micro-batch of questions
+    # DeepSpeed micro-batches per micro-batch of questions: it is sampled at once, then scored and trained on in
+    # chunks of update_chunk(cfg) questions
+    n_chunks = chunks_per_micro_batch(cfg)
     micro_per_epoch = micro_batches_per_epoch(sampler, cfg.batch.per_device)
     rounds = total_rounds(cfg, micro_per_epoch)
     total = total_steps(cfg, micro_per_epoch)  # optimizer steps: exactly max_steps when set
     stop_step = min(total, cfg.checkpoint.stop_at_step or total)
 
     # -- engine: AdamW + warmup/cosine, ZeRO-2; DeepSpeed accumulates `accumulation` micro-batches per step,
-    #    each one pass per chunk of `chunk` questions.
+    #    each one pass per chunk of update_chunk(cfg) questions.
     #    Resume: GRPO adapter, optimizer, schedule, sampler position and every RNG (so rollouts) as saved
     engine, scheduler, ds_config = build_engine(model, cfg.deepspeed_config, engine_batch(cfg, info.world_size),
                                                 cfg.optim, info.world_size, run.precision, total)
@@ -101,7 +102,7 @@ def train(cfg: GRPOConfig) -> dict:
         print(f"grpo: {info.world_size} rank(s) on {run.device.type}, {run.precision}, {n_train:,} "
               f"{'trained' if full else 'GRPO adapter'} parameters; {len(train_ds)} questions, {rounds} rounds x {iters} step(s) of {accumulation} x "
               f"{cfg.batch.per_device} questions x G={G} per rank"
-              + (f", trained in chunks of {chunk}" if chunk < cfg.batch.per_device else "")
+              + (f", trained in chunks of {update_chunk(cfg)}" if n_chunks > 1 else "")
               + (f"; resumed from {run.resume_dir.name}" if run.resume_dir else ""), flush=True)
 
     def save(step: int) -> None:
@@ -140,7 +141,7 @@ def train(cfg: GRPOConfig) -> dict:
         #    (so the step count and the LR schedule stay in lock-step) and is counted as a no-op round.
         noop = is_noop_round(groups)
         state.noop_rounds += int(noop)
-        score_groups(backbone, engine, groups, cfg.grpo, frozen_ref, chunk)
+        score_groups(backbone, engine, groups, cfg.grpo, frozen_ref, n_chunks)
         losses, stats = [], []
         n_steps = min(iters, stop_step - state.global_step)  # max_steps is exact: the last round may stop early
         for _ in range(n_steps):  # each pass over the round is one optimizer step
@@ -152,7 +153,7 @@ def train(cfg: GRPOConfig) -> dict:
                 bad, total = False, 0.0
                 for part, weight in group.split(n_chunks):
                     loss, st = group_loss(backbone, engine, part, cfg.grpo)  # clipped ratio - beta KL
-                    loss = loss * weight if weight != 1.0 else loss
+                    loss = loss * weight
                     ids = [e.id for e in part.rollout.examples]
                     bad |= check_loss(loss, ids, cfg.nonfinite_loss, state.nonfinite_steps, cfg.max_nonfinite,
                                       state.global_step)

@@ -6,7 +6,6 @@ Shapes: B questions, G completions, T completion tokens.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -45,15 +44,6 @@ class Group:
                      replace(self.adv, values=self.adv.values[start:end], zero_std=self.adv.zero_std[start:end]),
                      cut(self.ref_logp), cut(self.old_logp))
 
-    def chunks(self, size: int | None) -> Iterator[Group]:
-        """The group in consecutive chunks of ``size`` questions (None: the whole group, as it is)."""
-        n = len(self.rollout.examples)
-        if size is None or size >= n:
-            yield self
-            return
-        for start in range(0, n, size):
-            yield self.rows(start, min(start + size, n))
-
     def split(self, parts: int) -> list[tuple[Group, float]]:
         """The group as exactly ``parts`` consecutive chunks (one DeepSpeed micro-batch each), each with the
         weight that makes the mean over the parts of weight x chunk loss the group's loss: its share of the
@@ -86,13 +76,14 @@ def sample_group(backbone: Backbone, model: nn.Module, examples: list[Example], 
 
 @torch.no_grad()
 def score_groups(backbone: Backbone, model: nn.Module, groups: list[Group], cfg: GRPOSection,
-                 frozen_ref: nn.Module | None = None, chunk: int | None = None) -> None:
+                 frozen_ref: nn.Module | None = None, parts: int = 1) -> None:
     """Fill each group's reference log-probs (adapter off, or ``frozen_ref`` for a full fine-tune) and, for
-    ``num_iterations > 1``, the sampling policy's, both computed once per round before any update, ``chunk``
-    questions per forward pass (None: the whole group)."""
+    ``num_iterations > 1``, the sampling policy's, both computed once per round before any update, one forward
+    pass per chunk of :meth:`Group.split` into ``parts`` (the chunks the update trains on)."""
 
     def scored(scorer: nn.Module, group: Group) -> torch.Tensor:  # [B, G, T]
-        return torch.cat([backbone.completion_logprobs(scorer, part.rollout) for part in group.chunks(chunk)])
+        return torch.cat([backbone.completion_logprobs(scorer, part.rollout)
+                          for part, weight in group.split(parts) if weight > 0])
 
     for group in groups:
         if cfg.beta > 0:
